@@ -1,0 +1,36 @@
+"""Typed messages between the gRPC gateway, the pool and the batch runner (no Ray, no gRPC, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlaserve.worker.load import WorkerLoad
+from mlaserve.worker.types import RequestDelta, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One client request as the cluster sees it. Exactly one of prompt / prompt_token_ids is set."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ClusterDelta:
+    """A RequestDelta as it leaves the pool: which worker produced it."""
+
+    delta: RequestDelta
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One row of GetClusterStatus / `mlaserve status`."""
+
+    worker_id: str
+    load: WorkerLoad
+    alive: bool
+    restarts: int = 0
