@@ -1,0 +1,53 @@
+"""`mlaserve status`: print the cluster's workers and cache occupancy (asks a gateway over gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("MLASERVE_SERVER", DEFAULT_SERVER),
+        help=f"gateway HOST:PORT (default: MLASERVE_SERVER, else {DEFAULT_SERVER})",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+    parser.add_argument("--json", action="store_true", help="print the ClusterStatus message as JSON")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
+        help="bearer token (default: MLASERVE_AUTH_TOKEN)",
+    )
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+    from mlaserve.cluster.client import DecoderClient, format_status_table
+
+    async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token) as client:
+        status = await client.status()
+    if args.json:
+        print(
+            MessageToJson(status, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
+        )
+    else:
+        print(format_status_table(status))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_status(args))
+    except grpc.aio.AioRpcError as e:
+        print(f"mlaserve status: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"mlaserve status: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,176 @@
+"""The gRPC gateway process: a grpc.aio server in front of a WorkerPool.
+
+One `GatewayServer` serves `mlaserve.v1.Decoder` (cluster/service.py), the standard
+`grpc.health.v1.Health` service (SERVING; NOT_SERVING once draining) and server reflection, with
+limits on message size and concurrent RPCs, and Prometheus metrics on an HTTP port. It does not
+own the pool: whoever made the pool starts it before and shuts it down after the server.
+
+    server = GatewayServer(pool, ServerConfig(port=50051, metrics_port=9090))
+    await server.start()
+    ...
+    await server.drain()   # health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish
+    await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mlaserve.cluster.metrics import GatewayMetrics
+from mlaserve.cluster.service import SERVICE_NAME, DecoderService, Pool, ServiceLimits, pool_counters
+from mlaserve.protos import decoder_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE_NAME = health.SERVICE_NAME  # "grpc.health.v1.Health"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port (GatewayServer.port says which)
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str = "0.0.0.0"
+    limits: ServiceLimits = field(default_factory=ServiceLimits)
+    max_message_bytes: int = 4 << 20  # per received / sent message
+    max_concurrent_rpcs: int | None = 4096  # beyond it new RPCs get RESOURCE_EXHAUSTED
+    status_interval_s: float = 2.0  # how often the metrics' cluster snapshot is refreshed
+    drain_timeout_s: float = 60.0  # how long drain() waits for in-flight requests
+    stop_grace_s: float = 5.0  # grace given to RPCs still open when the server stops
+    auth_token: str | None = field(default=None, repr=False)  # Decoder RPCs need "authorization: Bearer <it>"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value <= 65535):
+                raise ValueError(f"ServerConfig.{name} must be in [0, 65535], got {value}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"ServerConfig.max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
+        for name in ("status_interval_s", "drain_timeout_s", "stop_grace_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+class GatewayServer:
+    """Decoder + health + reflection on one grpc.aio server, metrics on HTTP."""
+
+    def __init__(self, pool: Pool, config: ServerConfig | None = None, metrics: GatewayMetrics | None = None):
+        self.config = config or ServerConfig()
+        self.pool = pool
+        self.metrics = metrics or GatewayMetrics()
+        self.service = DecoderService(pool, self.config.limits, self.metrics, self.config.auth_token)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial (127.0.0.1 when bound to every interface)."""
+        if self.port is None:
+            raise RuntimeError("the server has not started")
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.http_port
+
+    async def start(self) -> int:
+        """Bind, start serving, mark SERVING; return the gRPC port."""
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        cfg = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        pb_grpc.add_DecoderServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        bind = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        try:
+            port = server.add_insecure_port(bind)
+        except RuntimeError as e:
+            raise OSError(f"cannot bind the gRPC server to {bind}: {e}") from e
+        if port == 0:
+            raise OSError(f"cannot bind the gRPC server to {bind}")
+        await server.start()
+        self._server, self.port = server, port
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            self.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
+        self._poller = asyncio.create_task(self._poll_status(), name="mlaserve-status-poller")
+        log.info("gRPC gateway on %s (metrics: %s)", self.address, self.metrics_port)
+        return port
+
+    async def refresh_metrics(self) -> None:
+        """Read the pool's status and counters into the metrics now."""
+        statuses = await self.pool.status()
+        self.metrics.update_cluster(statuses, pool_counters(self.pool))
+
+    async def _poll_status(self) -> None:
+        while True:
+            try:
+                await self.refresh_metrics()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed poll must not stop the server
+                log.warning("cluster status poll failed", exc_info=True)
+            await asyncio.sleep(self.config.status_interval_s)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests (health NOT_SERVING, new RPCs UNAVAILABLE), let in-flight ones finish.
+
+        Returns False if requests were still running when `timeout` (default
+        config.drain_timeout_s) passed.
+        """
+        self.service.draining = True
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait = self.config.drain_timeout_s if timeout is None else timeout
+        done = await self.service.wait_idle(wait)
+        if not done:
+            log.warning("drain: %d requests still running after %.0f s", self.service.active_requests, wait)
+        return done
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving (open RPCs get `grace` seconds, then are cancelled) and the metrics endpoint."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.config.stop_grace_s if grace is None else grace)
+            self._server = None
+        self.metrics.stop_http()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

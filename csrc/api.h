@@ -1,0 +1,52 @@
+// Host entry points of the kernels (called by bindings.cpp with raw pointers; no torch here).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+namespace mla {
+
+// Errors become C++ exceptions (RuntimeError in Python); nothing here exits the process.
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("mlaserve._C: ") + what + ": " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// split_cost: pages of extra cost charged to a continuation piece of a split request; even_cut:
+// the FlashMLA-style even cut of the cost line instead of the split-aware greedy plan.
+void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, bool even_cut, int* metadata,
+                         int* num_splits, cudaStream_t stream);
+
+struct DecodeArgs {
+  const void* q;  // [b, s_q, h_q, 576] bf16
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  const void* k_cache;  // [num_pages, 64, h_kv, 576] bf16
+  int64_t k_stride_page, k_stride_token, k_stride_head;
+  int64_t num_pages;
+  const int* block_table;  // [b, max_pages]
+  int64_t bt_stride_b;
+  const int* seqlens;        // [b]
+  const int* tile_metadata;  // [num_parts, 8]
+  const int* num_splits;     // [b + 1]
+  int num_parts;
+  void* out;  // [b, s_q, h_q, 512] bf16
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  float* lse;      // [b, h_q, s_q]
+  float* o_accum;  // [(b + num_parts), h_kv, rows, 512]
+  float* lse_accum;  // [(b + num_parts), h_kv, rows]
+  int b, s_q, h_q, h_kv;
+  float scale;
+  bool causal;
+  bool pdl;  // launch the combine kernel as a programmatic dependent of the main kernel
+  int schedule;  // consumer schedule: 0 = split S across both consumer WGs, 1 = solo S (see mla_kernel.cuh)
+};
+
+void launch_mla_decode(const DecodeArgs& args, cudaStream_t stream);
+
+int num_sms(int device);
+
+}  // namespace mla

@@ -1,0 +1,30 @@
+// Compile-time configuration of the sm_90a paged MLA decode kernels.
+#pragma once
+
+namespace mla {
+
+constexpr int kPageSize = 64;       // tokens per page of the latent cache
+constexpr int kHeadDimQK = 576;     // 512 latent + 64 RoPE
+constexpr int kHeadDimV = 512;      // V = the first 512 columns of the latent
+constexpr int kBlockM = 64;         // query rows (heads x s_q of one KV head) per CTA tile
+constexpr int kBlockN = kPageSize;  // keys per main-loop step: one page
+constexpr int kChunkCols = 64;      // columns per 128-byte swizzled smem chunk (and per TMA box)
+constexpr int kNumChunksQK = kHeadDimQK / kChunkCols;  // 9
+constexpr int kNumChunksV = kHeadDimV / kChunkCols;    // 8
+constexpr int kNumStages = 2;       // pages in flight per CTA (shared memory bound: Q + 2 pages + P)
+
+// Threads: warpgroups 0 and 1 = consumers (threads 0..255), warpgroup 2 = producer (one warp issues
+// the TMA loads). The register file is split over the SM's 4 sub-partitions, so the entry cap is 168
+// per thread at 384 threads; setmaxnreg moves the producer to 24 and the consumers to 240.
+constexpr int kNumConsumerWG = 2;
+constexpr int kThreads = 128 * (kNumConsumerWG + 1);  // 384
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+
+// Scheduler cost model: a (request, split) costs its pages plus this many pages of fixed work
+// (Q load, epilogue, partial write + combine).
+constexpr int kFixedSplitCost = 5;
+constexpr int kMetadataFields = 8;     // columns of tile_scheduler_metadata (FlashMLA's API)
+constexpr int kMaxBatchMetadata = 4096;  // the metadata kernel keeps per-request arrays in smem
+
+}  // namespace mla

@@ -1,0 +1,157 @@
+// Main-loop stages of the decode kernel: the TMA producer, the Q tile load, and the per-page
+// tensor-core steps (S = Q K^T, O += P V) of a consumer warpgroup.
+#pragma once
+#include <cstdint>
+
+#include "config.h"
+#include "ptx.h"
+#include "tile_scheduler.h"
+#include "traits.h"
+
+namespace mla {
+
+// Pages this part assigns to request `req`: [lo, hi). Returns false when there are none.
+__device__ __forceinline__ bool part_pages(const PartInfo& part, int req, int len, int& lo, int& hi) {
+  const int n = len > 0 ? (len + kPageSize - 1) / kPageSize : 0;
+  lo = req == part.first_req ? part.first_page : 0;
+  hi = req == part.last_req ? min(part.end_page, n) : n;
+  return lo < hi;
+}
+
+// Producer warp: streams this part's pages, in order, into the stage ring. One lane issues.
+__device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const DecodeParams& p, const PartInfo& part,
+                                              SharedStorage& s, int head_kv) {
+  const int lane = threadIdx.x & 31;
+  int it = 0;
+  for (int req = part.first_req; req <= part.last_req; ++req) {
+    int lo, hi;
+    if (!part_pages(part, req, p.seqlens[req], lo, hi)) continue;
+    const int* bt = p.block_table + static_cast<int64_t>(req) * p.bt_stride_b;
+    for (int base = lo; base < hi; base += 32) {
+      const int mine = base + lane < hi ? __ldg(bt + base + lane) : 0;
+      const int cnt = min(32, hi - base);
+      for (int j = 0; j < cnt; ++j, ++it) {
+        const int page = __shfl_sync(0xffffffffu, mine, j);
+        if (lane == 0) {
+          const int stage = it % kNumStages;
+          const uint32_t parity = ((it / kNumStages) & 1) ^ 1;
+          const uint32_t full = smem_u32(&s.full_bar[stage]);
+          mbar_wait(smem_u32(&s.empty_bar[stage]), parity);
+          mbar_arrive_expect_tx(full, kStageBytes);
+          const uint32_t dst = smem_u32(s.kv[stage]);
+#pragma unroll
+          for (int c = 0; c < kNumChunksQK; ++c) {
+            // box (64 cols, 64 tokens, 1 head, 1 page) at (64c, 0, head_kv, page)
+            tma_load_4d(dst + c * kChunkBytes, tmap, full, c * kChunkCols, 0, head_kv, page);
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// Both consumer warpgroups (256 threads, ct = 0..255) copy the 64 query rows of (req, m_block,
+// head_kv) into s.q, swizzled, with cp.async (no staging registers); rows past the last query row are
+// zero-filled. The caller waits (cp_async_wait_all), fences to the async proxy and syncs.
+__device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int req, int m_block,
+                                            int head_kv, int ct) {
+  constexpr int kUnitsPerRow = kHeadDimQK / 8;  // 72 units of 16 bytes
+  constexpr int kUnits = kBlockM * kUnitsPerRow;
+  constexpr int kPerThread = kUnits / (kNumConsumerWG * 128);  // 18
+  static_assert(kUnits % (kNumConsumerWG * 128) == 0, "Q tile must split evenly");
+  const uint32_t q_smem = smem_u32(s.q);
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int idx = ct + k * kNumConsumerWG * 128;
+    const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
+    const int rg = m_block * kBlockM + r;
+    const bool valid = rg < p.rows;
+    const int sq = valid ? rg / p.group : 0, g = valid ? rg % p.group : 0;
+    const uint16_t* src = p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
+                          static_cast<int64_t>(head_kv * p.group + g) * p.q_stride_h + u * 8;
+    const int c = u / 8, uc = u % 8;
+    cp_async_16(q_smem + c * kChunkBytes + r * 128 + ((uc ^ (r & 7)) << 4), src, valid ? 16 : 0);
+  }
+}
+
+// S(64 x 32) = Q(64 x 576) . K[32w .. 32w+31, :]^T for consumer warpgroup w. Waits for completion.
+__device__ __forceinline__ void qk_half(float (&sacc)[16], const SharedStorage& s, int stage, int w) {
+  const uint64_t dq = make_desc_sw128(smem_u32(s.q), 16, 1024);
+  const uint64_t dk = make_desc_sw128(smem_u32(s.kv[stage]) + w * 32 * 128, 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < kNumChunksQK; ++c) {
+#pragma unroll
+    for (int kk = 0; kk < kChunkCols / 16; ++kk) {
+      // advancing a descriptor = adding (byte offset >> 4) to its start-address field
+      const uint32_t off = (c * kChunkBytes + kk * 32) >> 4;
+      wgmma_m64n32k16_ss(sacc, dq + off, dk + off, (c | kk) != 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(sacc);
+}
+
+// S(64 x 64) = Q(64 x 576) . K^T for the whole page (solo-S schedule). Waits for completion.
+__device__ __forceinline__ void qk_full(float (&sacc)[32], const SharedStorage& s, int stage) {
+  const uint64_t dq = make_desc_sw128(smem_u32(s.q), 16, 1024);
+  const uint64_t dk = make_desc_sw128(smem_u32(s.kv[stage]), 16, 1024);
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < kNumChunksQK; ++c) {
+#pragma unroll
+    for (int kk = 0; kk < kChunkCols / 16; ++kk) {
+      const uint32_t off = (c * kChunkBytes + kk * 32) >> 4;
+      wgmma_m64n64k16_ss(sacc, dq + off, dk + off, (c | kk) != 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(sacc);
+}
+
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w. Waits for completion.
+__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
+  const uint64_t dp = make_desc_sw128(smem_u32(s.p), 16, 1024);
+  // V is MN-major: 64-column chunks kChunkBytes apart (LBO), 8-key groups 1024 B apart (SBO)
+  const uint64_t dv = make_desc_sw128(smem_u32(s.kv[stage]) + (w * 4) * kChunkBytes, kChunkBytes, 1024);
+  fence_regs(o);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kBlockN / 16; ++k) {
+    wgmma_m64n256k16_ss_tb(o, dp + ((k * 32) >> 4), dv + ((k * 16 * 128) >> 4));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(o);
+}
+
+// Writes this thread's probabilities (bf16) into s.p: rows a/b, columns col0 + 8j + 2(lane%4) + e.
+template <int N>
+__device__ __forceinline__ void store_p(SharedStorage& s, const float (&pr)[N], int col0, int row_a, int lane) {
+  const int row_b = row_a + 8;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    const int unit = col0 / 8 + j;
+    __nv_bfloat162 va = __floats2bfloat162_rn(pr[4 * j + 0], pr[4 * j + 1]);
+    __nv_bfloat162 vb = __floats2bfloat162_rn(pr[4 * j + 2], pr[4 * j + 3]);
+    *reinterpret_cast<__nv_bfloat162*>(s.p + row_a * 128 + ((unit ^ (row_a & 7)) << 4) + 4 * (lane & 3)) = va;
+    *reinterpret_cast<__nv_bfloat162*>(s.p + row_b * 128 + ((unit ^ (row_b & 7)) << 4) + 4 * (lane & 3)) = vb;
+  }
+}
+
+// Zeroes rows [first_row, 64) of this warpgroup's V columns (256w .. 256w+255) of a stage, so
+// that whatever lies in the unused slots of a request's last page (NaN included) meets P = 0 as
+// an exact 0. t = thread index in the warpgroup.
+__device__ __forceinline__ void zero_v_tail(SharedStorage& s, int stage, int w, int first_row, int t) {
+  const int units = (kBlockN - first_row) * 32;  // 4 chunks x 8 units of 16 B per row
+  uint8_t* base = s.kv[stage];
+  for (int u = t; u < units; u += 128) {
+    const int r = first_row + u / 32, c = 4 * w + (u / 8) % 4, x = u % 8;
+    *reinterpret_cast<uint4*>(base + c * kChunkBytes + r * 128 + x * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+}  // namespace mla

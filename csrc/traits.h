@@ -1,0 +1,65 @@
+// Shared-memory layout and kernel parameter blocks of the MLA decode kernels.
+#pragma once
+#include <cstdint>
+#include <cuda.h>
+
+#include "config.h"
+
+namespace mla {
+
+// One 64-row x 64-column bf16 chunk, 128-byte rows, 128B swizzle (16-byte unit u of row r sits at
+// unit u ^ (r % 8)); 8 KB, 1024-byte aligned. A 64 x 576 tile is 9 such chunks side by side.
+constexpr int kChunkBytes = kBlockM * kChunkCols * 2;     // 8192
+constexpr int kTileBytesQK = kNumChunksQK * kChunkBytes;  // 73728: Q tile, or one K page
+constexpr int kStageBytes = kTileBytesQK;                 // one page = 64 tokens x 576
+
+struct SharedStorage {
+  // (64 rows, 576) bf16 as 9 swizzled chunks: query rows of the tile
+  alignas(1024) uint8_t q[kTileBytesQK];
+  // [stage] (64 tokens, 576) bf16 as 9 swizzled chunks: one page of latents; V = chunks 0..7
+  alignas(1024) uint8_t kv[kNumStages][kStageBytes];
+  // (64 rows, 64 keys) bf16, one swizzled chunk: softmax probabilities P, A operand of P.V
+  alignas(1024) uint8_t p[kChunkBytes];
+  float row_max[kNumConsumerWG][kBlockM];  // [wg][row]: per-warpgroup row max, exchanged each page
+  float row_sum[kNumConsumerWG][kBlockM];  // [wg][row]: per-warpgroup row sum, exchanged at the end
+  alignas(8) uint64_t full_bar[kNumStages];
+  alignas(8) uint64_t empty_bar[kNumStages];
+};
+constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024
+
+struct DecodeParams {
+  // q: [b, s_q, h_q, 576] bf16, last dim contiguous; strides in elements
+  const uint16_t* q;
+  int64_t q_stride_b, q_stride_s, q_stride_h;
+  // out: [b, s_q, h_q, 512] bf16, last dim contiguous; strides in elements
+  uint16_t* out;
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  float* lse;  // [b, h_q, s_q] fp32, contiguous
+  // block_table: [b, max_pages] int32, row stride in elements
+  const int* block_table;
+  int64_t bt_stride_b;
+  const int* seqlens;        // [b] int32
+  const int* tile_metadata;  // [num_parts, 8] int32
+  const int* num_splits;     // [b + 1] int32, prefix sum of splits per request
+  float* o_accum;            // [total_splits, h_kv, rows, 512] fp32: partial outputs of split requests
+  float* lse_accum;          // [total_splits, h_kv, rows] fp32
+  int b, s_q, h_q, h_kv;
+  int group;  // h_q / h_kv
+  int rows;   // s_q * group: query rows per KV head
+  int num_parts;
+  int causal;
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e)
+};
+
+struct CombineParams {
+  const float* o_accum;    // [total_splits, h_kv, rows, 512]
+  const float* lse_accum;  // [total_splits, h_kv, rows]
+  const int* num_splits;   // [b + 1]
+  uint16_t* out;           // [b, s_q, h_q, 512] bf16
+  int64_t o_stride_b, o_stride_s, o_stride_h;
+  float* lse;  // [b, h_q, s_q]
+  int b, s_q, h_q, h_kv, group, rows;
+};
+
+}  // namespace mla

@@ -1,0 +1,1 @@
+"""Generated code of protos/mlaserve/ (import root protos/)."""

@@ -1,0 +1,264 @@
+"""Every cluster config in deploy/ must pass Ray's own launcher validation and our invariants.
+
+Ray's checks are the ones `ray up` runs before it touches a cloud: `prepare_config` (defaults,
+setup-command merging, per-type worker bounds; the local provider's own preparation) and
+`validate_config` (the ray-schema.json that ships with Ray, plus its cross-field rules). For the
+local provider the whole offline part of `ray up` (`_bootstrap_config`) runs as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("jsonschema")
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CONFIGS = sorted([*DEPLOY.glob("*.yaml"), *DEPLOY.glob("*.yml")])
+CLOUD_PROVIDERS = {"aws", "gcp", "azure"}
+REMOTE_CHECKOUT = "~/mlaserve"
+
+
+def _load(path: Path) -> dict:
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+def _prepared(path: Path) -> dict:
+    """What `ray up` works with after its offline preparation; raises where it would abort."""
+    config = prepare_config(copy.deepcopy(_load(path)))
+    validate_config(config)
+    return config
+
+
+def _ray_start_args(commands: list[str]) -> list[list[str]]:
+    """The argument lists of every `ray start` in a list of shell commands."""
+    found = []
+    for command in commands:
+        for part in re.split(r";|&&|\|\|", command):
+            words = shlex.split(part)
+            if words[:2] == ["ray", "start"]:
+                found.append(words[2:])
+    return found
+
+
+def _worker_types(config: dict) -> dict[str, dict]:
+    types = config["available_node_types"]
+    if config["provider"]["type"] == "local":
+        # One node type for head and workers; Ray detects their resources on each machine.
+        return dict(types)
+    return {name: t for name, t in types.items() if name != config["head_node_type"]}
+
+
+def _first_worker(config: dict) -> dict:
+    return next(iter(_worker_types(config).values()))
+
+
+def test_deploy_has_a_hopper_cloud_and_an_on_prem_config():
+    providers = {_load(p)["provider"]["type"] for p in CONFIGS}
+    assert providers & CLOUD_PROVIDERS, f"no cloud config in deploy/ (providers: {providers})"
+    assert "local" in providers, "no config for existing machines (provider type: local) in deploy/"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_ray_accepts_the_config(path: Path):
+    config = _prepared(path)
+    assert config["head_node_type"] in config["available_node_types"]
+    if config["provider"]["type"] == "local":
+        from ray.autoscaler._private.commands import _bootstrap_config
+
+        _bootstrap_config(copy.deepcopy(_load(path)), no_config_cache=True)
+
+
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda c: c.update(max_workes=3), "max_workes"),  # misspelled top-level key
+        (lambda c: c.update(idle_timeout_minutes="ten"), "ten"),
+        (lambda c: c.update(head_node_type="head.missing"), "head_node_type"),
+        (lambda c: _first_worker(c).update(min_workers=3) or c.update(max_workers=2), "max_workers"),
+    ],
+)
+def test_ray_validation_rejects_broken_configs(mutate, error):
+    """The check above has teeth: the same machinery refuses configs `ray up` would refuse."""
+    cloud = next(p for p in CONFIGS if _load(p)["provider"]["type"] in CLOUD_PROVIDERS)
+    config = _load(cloud)
+    mutate(config)
+    with pytest.raises(Exception, match=re.escape(error)):
+        validate_config(prepare_config(config))
+
+
+def test_ray_validation_rejects_a_misspelled_node_type_key():
+    cloud = next(p for p in CONFIGS if _load(p)["provider"]["type"] in CLOUD_PROVIDERS)
+    config = _load(cloud)
+    worker = _first_worker(config)
+    worker["min_worker"] = worker.pop("min_workers", 0)
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_head_offers_no_gpu(path: Path):
+    config = _prepared(path)
+    head = config["available_node_types"][config["head_node_type"]]
+    if config["provider"]["type"] != "local":
+        assert head["resources"].get("GPU", 0) == 0, "the head node type must not declare GPUs"
+        assert head["max_workers"] == 0
+    heads = [args for args in _ray_start_args(config["head_start_ray_commands"]) if "--head" in args]
+    assert len(heads) == 1, f"expected one `ray start --head` in head_start_ray_commands, got {heads}"
+    assert "--num-gpus=0" in heads[0], "the head must start Ray with --num-gpus=0 (no worker lands there)"
+    assert any(a.startswith("--autoscaling-config=") for a in heads[0]), "the head must run the autoscaler"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_gpu_node_types_scale_between_bounds(path: Path):
+    raw = _load(path)
+    config = _prepared(path)
+    assert raw.get("idle_timeout_minutes", 0) > 0, "set idle_timeout_minutes: idle GPU nodes must go away"
+    workers = _worker_types(config)
+    assert workers, "no worker node type"
+    for name, node_type in workers.items():
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"], name
+        assert node_type["max_workers"] >= 1, f"{name} can never scale up"
+        if config["provider"]["type"] != "local":
+            assert node_type["resources"].get("GPU", 0) >= 1, f"worker node type {name} declares no GPU"
+    if config["provider"]["type"] == "local":
+        assert config["max_workers"] <= len(raw["provider"]["worker_ips"])
+    joins = _ray_start_args(config["worker_start_ray_commands"])
+    assert any("--address=$RAY_HEAD_IP:6379" in args for args in joins), joins
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_node_installs_mlaserve_with_its_kernel(path: Path):
+    config = _prepared(path)
+    for key in ("head_setup_commands", "worker_setup_commands"):  # setup_commands merged into both
+        setup = [c for c in config[key] if "deploy/setup-node.sh" in c]
+        assert setup, f"{key} never runs deploy/setup-node.sh"
+        assert all("MLASERVE_CUDA=ON" in c for c in setup), (
+            f"{key}: build the sm_90a kernel (MLASERVE_CUDA=ON)"
+        )
+    # The checkout the commands use is synced from this repository.
+    assert config["file_mounts"].get(REMOTE_CHECKOUT) in (".", "./", str(REPO)), config["file_mounts"]
+    if config["provider"]["type"] == "aws":
+        assert any("boto3" in c for c in config["head_setup_commands"]), (
+            "the AWS autoscaler needs boto3 on the head"
+        )
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_paths_the_config_uses_exist_in_the_repository(path: Path):
+    config = _load(path)
+    for local in config.get("file_mounts", {}).values():
+        assert (REPO / os.path.expanduser(local)).exists(), f"file_mounts source {local} does not exist"
+    commands = json.dumps({k: v for k, v in config.items() if k.endswith("_commands")})
+    referenced = set(re.findall(re.escape(REMOTE_CHECKOUT) + r"/([\w./-]+)", commands))
+    assert "deploy/setup-node.sh" in referenced and "deploy/start-gateway.sh" in referenced
+    for rel in referenced:
+        assert (REPO / rel).is_file(), (
+            f"{path.name} runs {REMOTE_CHECKOUT}/{rel}, which is not in the repository"
+        )
+
+
+@pytest.mark.parametrize("script", sorted(DEPLOY.glob("*.sh")), ids=lambda p: p.name)
+def test_scripts_parse_and_are_executable(script: Path):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable"
+
+
+# --- start-gateway.sh: the command it builds is one `mlaserve serve` accepts ---------------------
+
+
+def _fake_mlaserve(bin_dir: Path, record: Path) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "mlaserve"
+    fake.write_text(
+        textwrap.dedent(
+            f"""\
+            #!{sys.executable}
+            import json, os, sys, time
+            with open({str(record)!r}, "a") as f:
+                f.write(json.dumps(sys.argv[1:]) + "\\n")
+            if sys.argv[1] == "serve":
+                time.sleep(float(os.environ.get("FAKE_SERVE_SECONDS", "0")))
+            """
+        )
+    )
+    fake.chmod(0o755)
+
+
+def _run_gateway_script(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[list[str]]:
+    record = tmp_path / "calls.jsonl"
+    _fake_mlaserve(tmp_path / "bin", record)
+    full_env = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        **(env or {}),
+    }
+    subprocess.run(["bash", str(DEPLOY / "start-gateway.sh"), *args], env=full_env, check=True, timeout=60)
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
+    (tmp_path / "mlaserve.env").write_text("MLASERVE_MODEL=/mnt/models/from-env-file\nMLASERVE_PORT=6000\n")
+    calls = _run_gateway_script(tmp_path, "--foreground", env={"MLASERVE_PORT": "7000"})
+    assert len(calls) == 1 and calls[0][0] == "serve", calls
+    argv = calls[0][1:]
+    # The environment beats ~/mlaserve.env, which beats the defaults.
+    assert argv[argv.index("--port") + 1] == "7000"
+    assert argv[argv.index("--model") + 1] == "/mnt/models/from-env-file"
+    assert argv[argv.index("--address") + 1] == "auto"
+
+    from mlaserve.cluster.cli import COMMANDS
+
+    serve = pytest.importorskip(COMMANDS["serve"][0])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mlaserve serve")
+    serve.add_arguments(parser)
+    parser.parse_args(argv)  # SystemExit here means the script drifted from the CLI
+
+
+def test_start_gateway_detaches_waits_until_status_answers_and_stops(tmp_path: Path):
+    env = {"MLASERVE_GATEWAY_WAIT_S": "30", "FAKE_SERVE_SECONDS": "120"}
+    calls = _run_gateway_script(tmp_path, env=env)
+    by_command = {c[0]: c for c in calls}
+    assert sorted(by_command) == ["serve", "status"] and len(calls) == 2, calls
+    assert by_command["status"][1:] == ["--server", "localhost:50051"]
+    pid = int((tmp_path / ".mlaserve-gateway.pid").read_text())
+    os.kill(pid, 0)  # the detached gateway is still running
+    _run_gateway_script(tmp_path, "--stop", env=env)
+    assert not (tmp_path / ".mlaserve-gateway.pid").exists()
+    for _ in range(100):  # reaped by init once it exits
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the gateway (pid {pid}) survived --stop")
+
+
+def test_start_gateway_reports_a_gateway_that_dies(tmp_path: Path):
+    record = tmp_path / "calls.jsonl"
+    _fake_mlaserve(tmp_path / "bin", record)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    (tmp_path / "bin" / "mlaserve").write_text("#!/bin/sh\necho 'model not found' >&2\nexit 3\n")
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "start-gateway.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "model not found" in done.stderr

@@ -1,0 +1,53 @@
+"""The sm_90a extension builds and imports without a GPU (CPU CI compiles it wherever nvcc exists).
+
+Without a Hopper GPU the compiled backend must stay off (`is_supported()` False, dispatcher on the
+reference), and the wrapper must refuse CPU tensors with an exception rather than crash.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+
+def _has_nvcc() -> bool:
+    return shutil.which("nvcc") is not None
+
+
+@pytest.mark.skipif(not _has_nvcc(), reason="no nvcc: MLASERVE_CUDA=AUTO skips the extension")
+def test_extension_imports():
+    from mlaserve.worker.kernels import _C
+
+    assert _C.ARCH == "sm_90a"
+    assert _C.PAGE_SIZE == 64 and _C.BLOCK_M == 64 and _C.METADATA_FIELDS == 8
+    for name in ("get_mla_metadata", "mla_decode", "num_sms"):
+        assert callable(getattr(_C, name))
+
+
+def test_wrapper_imports_and_reports_support():
+    from mlaserve.worker import kernels
+    from mlaserve.worker.kernels import sm90
+
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    assert sm90.is_supported() == (hopper and sm90._C is not None)
+    assert kernels.backend() in ("sm90", "reference")
+    if not hopper:
+        assert kernels.backend() == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_wrapper_refuses_cpu_tensors():
+    from mlaserve.worker.kernels import sm90
+
+    seq = torch.tensor([10], dtype=torch.int32)
+    with pytest.raises((ValueError, RuntimeError), match="cache_seqlens|not built"):
+        sm90.get_mla_metadata(seq, 16, 1)
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
+    k = torch.zeros(1, 64, 1, 576, dtype=torch.bfloat16)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    meta = torch.zeros(1, 8, dtype=torch.int32)
+    splits = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises((ValueError, RuntimeError), match="q|not built"):
+        sm90.flash_mla_with_kvcache(q, k, bt, seq, 512, meta, splits)
