@@ -15,6 +15,9 @@ class InvalidRequest(ClusterError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # survive pickling (Ray ships exceptions between processes)
+        return (type(self), (self.field, self.message))
+
 
 class QueueFull(ClusterError):
     """Admission queues are full (-> RESOURCE_EXHAUSTED)."""

@@ -94,8 +94,9 @@ __device__ __forceinline__ void qk_half(float (&sacc)[16], const SharedStorage& 
   fence_regs(sacc);
 }
 
-// S(64 x 64) = Q(64 x 576) . K^T for the whole page (solo-S schedule). Waits for completion.
-__device__ __forceinline__ void qk_full(float (&sacc)[32], const SharedStorage& s, int stage) {
+// S(64 x 64) = Q(64 x 576) . K^T for the whole page (solo-S schedule). Issues and commits one wgmma
+// group; the caller waits (wgmma_wait) and then fence_regs(sacc).
+__device__ __forceinline__ void qk_full_issue(float (&sacc)[32], const SharedStorage& s, int stage) {
   const uint64_t dq = make_desc_sw128(smem_u32(s.q), 16, 1024);
   const uint64_t dk = make_desc_sw128(smem_u32(s.kv[stage]), 16, 1024);
   wgmma_fence();
@@ -108,12 +109,11 @@ __device__ __forceinline__ void qk_full(float (&sacc)[32], const SharedStorage& 
     }
   }
   wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(sacc);
 }
 
-// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w. Waits for completion.
-__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w. Issues and commits one
+// wgmma group; pv_half also waits for it.
+__device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s, int stage, int w) {
   const uint64_t dp = make_desc_sw128(smem_u32(s.p), 16, 1024);
   // V is MN-major: 64-column chunks kChunkBytes apart (LBO), 8-key groups 1024 B apart (SBO)
   const uint64_t dv = make_desc_sw128(smem_u32(s.kv[stage]) + (w * 4) * kChunkBytes, kChunkBytes, 1024);
@@ -124,6 +124,10 @@ __device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s,
     wgmma_m64n256k16_ss_tb(o, dp + ((k * 32) >> 4), dv + ((k * 16 * 128) >> 4));
   }
   wgmma_commit();
+}
+
+__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
+  pv_issue(o, s, stage, w);
   wgmma_wait<0>();
   fence_regs(o);
 }

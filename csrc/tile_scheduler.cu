@@ -67,13 +67,9 @@ __device__ __forceinline__ int first_request_above(const int* prefix, int b, int
   return lo;
 }
 
-__global__ void __launch_bounds__(kSchedThreads) mla_metadata_kernel(const int* __restrict__ seqlens, int b,
-                                                                      int num_parts, int* __restrict__ metadata,
-                                                                      int* __restrict__ num_splits) {
-  extern __shared__ int smem[];
-  int* prefix = smem;            // [b + 1]: cost prefix sums
-  int* splits = smem + b + 1;    // [b + 1]: splits per request, then their prefix sums
-  __shared__ int scratch[32];
+// FlashMLA-style plan: the cost line cut evenly. prefix, splits: [b + 1] ints of smem each.
+__device__ void even_cut_plan(const int* __restrict__ seqlens, int b, int num_parts, int* __restrict__ metadata,
+                              int* __restrict__ num_splits, int* prefix, int* splits, int* scratch) {
   const int tid = threadIdx.x;
   for (int i = tid; i < b; i += kSchedThreads) {
     const int len = seqlens[i];
@@ -113,6 +109,14 @@ __global__ void __launch_bounds__(kSchedThreads) mla_metadata_kernel(const int* 
 #pragma unroll
     for (int f = 0; f < kMetadataFields; ++f) metadata[p * kMetadataFields + f] = row[f];
   }
+}
+
+__global__ void __launch_bounds__(kSchedThreads) mla_metadata_kernel(const int* __restrict__ seqlens, int b,
+                                                                      int num_parts, int* __restrict__ metadata,
+                                                                      int* __restrict__ num_splits) {
+  extern __shared__ int smem[];
+  __shared__ int scratch[32];
+  even_cut_plan(seqlens, b, num_parts, metadata, num_splits, smem, smem + b + 1, scratch);
 }
 
 // ---- split-aware plan: smallest makespan M for which a greedy contiguous packing fits ---------
@@ -166,8 +170,8 @@ __global__ void __launch_bounds__(kSchedThreads) mla_metadata_greedy_kernel(cons
                                                                              int* __restrict__ metadata,
                                                                              int* __restrict__ num_splits) {
   extern __shared__ int smem[];
-  int* pages = smem;            // [b]
-  int* splits = smem + b;       // [b + 1]
+  int* pages = smem;            // [b + 1] (reused as the cost prefix by the even-cut fallback)
+  int* splits = smem + b + 1;   // [b + 1]
   __shared__ int scratch[32];
   __shared__ int best;
   __shared__ long long total_cost;
@@ -204,6 +208,12 @@ __global__ void __launch_bounds__(kSchedThreads) mla_metadata_greedy_kernel(cons
   }
   __syncthreads();
   const int m = best;
+  // The even cut pays about one split per part; prefer the packing only when its makespan is no worse.
+  if (m > lb + split_cost) {
+    __syncthreads();
+    even_cut_plan(seqlens, b, num_parts, metadata, num_splits, pages, splits, scratch);
+    return;
+  }
   for (int p = tid; p < num_parts; p += kSchedThreads) {
     int* row = metadata + p * kMetadataFields;
     row[0] = 0; row[1] = 0; row[2] = -1; row[3] = 0; row[4] = 0; row[5] = 0; row[6] = 0; row[7] = 0;

@@ -12,6 +12,9 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # survive pickling (Ray ships exceptions between processes)
+        return (type(self), (self.field, self.message))
+
 
 class QueueFullError(RuntimeError):
     """The engine's waiting queue already holds SchedulerConfig.max_waiting requests."""

@@ -237,7 +237,9 @@ class Scheduler:
             matched = self.allocator.match_prefix(seq.page_hashes[: (n - 1) // ps])
             num_cached = len(matched) * ps
             num_new = min(n - num_cached, budget)
-            new_pages = pages_for(num_cached + num_new, ps) - len(matched)
+            # Pages for the whole prompt are taken at admission, not chunk by chunk: a long prompt
+            # admitted on its first chunk's pages alone would be preempted by its own next chunk.
+            new_pages = pages_for(n, ps) - len(matched)
             revived = sum(1 for p in matched if self.allocator.is_free(p))  # cached-free pages it takes back
             # The watermark keeps room for running decodes; with none running it would only
             # stall a request that needs the whole cache.

@@ -213,14 +213,23 @@ class Sampler:
         self._thread.join(10)
 
 
+def _reload_ray_auth_settings() -> None:
+    """Ray caches RAY_AUTH_MODE when it is imported; make this process see the current value."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture
-def fake_gpu_cluster(monkeypatch) -> Iterator[FakeGpuCluster]:
-    # A token of its own (Ray's token auth): not ~/.ray/auth_token, which other clusters on this
-    # machine may create or use. The head, its fake nodes and this driver all see it.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def fake_gpu_cluster() -> Iterator[FakeGpuCluster]:
+    # Ray's token auth with a token of this cluster's own, not ~/.ray/auth_token (which other
+    # clusters on this machine create and use): the head, its fake nodes and this driver see it.
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    _reload_ray_auth_settings()
     cluster = FakeGpuCluster()
     cluster.start()
     try:
@@ -229,6 +238,12 @@ def fake_gpu_cluster(monkeypatch) -> Iterator[FakeGpuCluster]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_ray_auth_settings()
 
 
 def make_input(path: Path, rng: random.Random, n: int) -> list[str]:
@@ -236,7 +251,7 @@ def make_input(path: Path, rng: random.Random, n: int) -> list[str]:
     with path.open("w") as f:
         for i in range(n):
             ids.append(f"job-{i}")
-            prompt = " ".join(rng.choice(["scale", "up", "down", "page", "latent"]) for _ in range(rng.randint(2, 12)))
+            prompt = " ".join(rng.choice(["scale", "up", "down", "page", "latent"]) for _ in range(rng.randint(2, 6)))
             f.write(json.dumps({"id": ids[-1], "prompt": prompt}) + "\n")
     return ids
 
@@ -253,7 +268,8 @@ def pool_config() -> Any:
         # that every worker waits for (and makes the autoscaler launch) a fake GPU node.
         num_gpus_per_worker=1.0,
         num_cpus_per_worker=1.0,
-        engine_kwargs={"num_pages": 24},  # a small cache: the job's queue outgrows one worker
+        # A small cache (8 pages: 8 requests at a time): one worker cannot take the job's queue.
+        engine_kwargs={"num_pages": 8},
         autoscale=AutoscaleConfig(
             up_occupancy=0.5,
             up_queue_per_worker=2.0,
@@ -274,9 +290,9 @@ def test_workers_and_nodes_rise_under_a_batch_job_and_fall_after(fake_gpu_cluste
 
     rng = random.Random(seed)
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
-    ids = make_input(inp, rng, 240)
+    ids = make_input(inp, rng, 400)
     config = BatchConfig(
-        inp, out, concurrency=48, defaults=SamplingParams(max_tokens=24, temperature=0.0), progress=False
+        inp, out, concurrency=48, defaults=SamplingParams(max_tokens=32, temperature=0.0), progress=False
     )
 
     async def job() -> None:

@@ -220,3 +220,26 @@ def test_add_validation() -> None:
         sched.add("y", [1], 1)
     assert sched.abort("x") and not sched.abort("x")
     sched.check_integrity()
+
+
+def test_long_prompt_is_admitted_only_with_pages_for_all_of_it() -> None:
+    """A prompt prefilled in chunks gets all its pages at admission, so its own next chunk never
+    preempts it (the thrash where one request was preempted and re-admitted on every step)."""
+    ps = 4
+    sched = Scheduler(
+        SchedulerConfig(max_running_seqs=8, max_batched_tokens=4, watermark_pages=1),
+        PageAllocator(8, page_size=ps),
+    )
+    sim = Simulator(sched)
+    sim.add("decoding", list(range(1, 9)), max_tokens=8)  # 2 prompt pages, grows to 4
+    for _ in range(3):
+        sim.step()
+    sim.add("long", list(range(100, 120)), max_tokens=1)  # 5 pages: fits only once "decoding" is done
+    while sim.requests:
+        plan = sim.step()
+        for s in plan.prefills + plan.decodes:
+            if s.request_id == "long":
+                assert len(s.page_table) >= pages_for(20, ps)
+    assert sched.num_preemptions == 0
+    assert sim.finished["long"] == expected_output(list(range(100, 120)), 1)
+    assert sim.finished["decoding"] == expected_output(list(range(1, 9)), 8)
