@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
+# One intra-op thread: on a busy 2-core CI machine torch's thread pool is ~100x slower per decode step
+# than a single thread. Set before torch loads; Ray workers started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture
