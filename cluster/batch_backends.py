@@ -81,13 +81,14 @@ def _error_from_rpc(error: Any) -> Exception:
 
 @contextlib.asynccontextmanager
 async def grpc_backend(
-    server: str, *, timeout: float | None = None, connect_timeout: float = 30.0
+    server: str, *, timeout: float | None = None, token: str | None = None, connect_timeout: float = 30.0
 ) -> AsyncIterator[GenerateFn]:
-    """Requests through the gateway at HOST:PORT; `timeout` is each request's deadline in seconds."""
+    """Requests through the gateway at HOST:PORT; `timeout` is each request's deadline in seconds,
+    `token` the gateway's bearer token if it requires one."""
     import grpc
     from mlaserve.cluster.client import DecoderClient
 
-    async with DecoderClient(server, timeout=timeout) as client:
+    async with DecoderClient(server, timeout=timeout, token=token) as client:
         await client.wait_ready(connect_timeout)
 
         async def generate(request: GenerationRequest) -> Completion:

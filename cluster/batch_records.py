@@ -228,53 +228,72 @@ class ResumeState:
     torn_bytes: int  # bytes of a torn last line that were cut off
 
 
-def _is_record(obj: Any) -> bool:
-    return isinstance(obj, dict) and isinstance(obj.get("id"), str) and _is_int(obj.get("line"))
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """The result record on one complete output line, or None if the line is damaged."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    ok = isinstance(obj, dict) and isinstance(obj.get("id"), str) and _is_int(obj.get("line"))
+    return obj if ok else None
+
+
+def _error_type(record: dict[str, Any]) -> str | None:
+    error = record.get("error")
+    return error.get("type") if isinstance(error, dict) else None
 
 
 def load_resume_state(path: Path, *, retry_failed: bool = False) -> ResumeState:
-    """Read the output of an earlier run and make it safe to append to.
+    """Read the output of an earlier run and make it safe to append to (streaming: any size).
 
-    A torn last line (a kill in the middle of a write) is cut off. With `retry_failed`, the lines
-    recording request failures are dropped (the file is rewritten atomically) so that those
-    requests run again.
+    A torn last line (a kill in the middle of a write) is cut off; a damaged line anywhere else
+    raises OutputCorrupt. With `retry_failed`, the lines recording request failures are dropped
+    (the file is rewritten, then atomically replaced) so that those requests run again.
     """
     if not path.exists():
         return ResumeState(frozenset(), frozenset(), 0, 0)
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline, else an unterminated torn line
-    kept: list[bytes] = []
     done: set[str] = set()
     dup_lines: set[int] = set()
-    dropped = False
-    torn = len(tail)
-    for index, raw in enumerate(lines):
-        try:
-            obj = json.loads(raw)
-            valid = _is_record(obj)
-        except ValueError:
-            valid = False
-        if not valid:
-            if index == len(lines) - 1 and not tail:  # a damaged last line: treat as torn
-                torn += len(raw) + 1
+    kept = dropped = 0
+    good_end = 0  # offset just past the last good line
+    damaged: tuple[int, bytes] | None = None  # fatal unless it turns out to be the last line
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if damaged is not None:
+                raise OutputCorrupt(
+                    f"{path}:{damaged[0]}: not a result line of mlaserve batch: {damaged[1][:80]!r}"
+                )
+            record = _record(raw)
+            if record is None:
+                damaged = (number, raw)
                 continue
-            raise OutputCorrupt(f"{path}:{index + 1}: not a result line of mlaserve batch: {raw[:80]!r}")
-        error = obj.get("error")
-        error_type = error.get("type") if isinstance(error, dict) else None
-        if retry_failed and error_type == REQUEST_FAILED:
-            dropped = True
-            continue
-        kept.append(raw)
-        if error_type == DUPLICATE_ID:
-            dup_lines.add(obj["line"])
-        else:
-            done.add(obj["id"])
+            good_end += len(raw)
+            error_type = _error_type(record)
+            if retry_failed and error_type == REQUEST_FAILED:
+                dropped += 1
+            elif error_type == DUPLICATE_ID:
+                dup_lines.add(record["line"])
+                kept += 1
+            else:
+                done.add(record["id"])
+                kept += 1
+        size = f.tell()
+    torn = size - good_end
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            for raw in src:
+                record = _record(raw)
+                if record is None:  # the torn last line (any other damage raised above)
+                    break
+                if _error_type(record) != REQUEST_FAILED:
+                    dst.write(raw)
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, path)
     elif torn:
         with path.open("r+b") as f:
-            f.truncate(len(data) - torn)
-    return ResumeState(frozenset(done), frozenset(dup_lines), len(kept), torn)
+            f.truncate(good_end)
+    return ResumeState(frozenset(done), frozenset(dup_lines), kept, torn)

@@ -16,9 +16,11 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// split_cost: pages of extra cost charged to a continuation piece of a split request; even_cut:
-// the FlashMLA-style even cut of the cost line instead of the split-aware greedy plan.
-void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, bool even_cut, int* metadata,
+// Split plans. kPlanAuto: the split-aware packing when it is no worse than the even cut plus one split
+// per part (it then avoids splits), else the even cut; kPlanEven: FlashMLA-style even cut of the cost
+// line; kPlanPack: always the packing. split_cost: pages charged to a continuation piece.
+enum PlanMode : int { kPlanAuto = 0, kPlanEven = 1, kPlanPack = 2 };
+void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, int mode, int* metadata,
                          int* num_splits, cudaStream_t stream);
 
 struct DecodeArgs {

@@ -15,10 +15,10 @@ void set_device(int device) { mla::check_cuda(cudaSetDevice(device), "cudaSetDev
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int split_cost, bool even_cut,
+void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int split_cost, int mode,
                       uintptr_t metadata, uintptr_t num_splits, uintptr_t stream) {
   set_device(device);
-  mla::launch_mla_metadata(reinterpret_cast<const int*>(seqlens), b, num_parts, split_cost, even_cut,
+  mla::launch_mla_metadata(reinterpret_cast<const int*>(seqlens), b, num_parts, split_cost, mode,
                            reinterpret_cast<int*>(metadata), reinterpret_cast<int*>(num_splits), as_stream(stream));
 }
 
@@ -75,7 +75,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("METADATA_FIELDS") = 8;
   m.attr("MAX_BATCH") = 4096;
   m.def("get_mla_metadata", &get_mla_metadata, "GPU split-KV plan from cache_seqlens", py::arg("device"),
-        py::arg("seqlens"), py::arg("b"), py::arg("num_parts"), py::arg("split_cost"), py::arg("even_cut"),
+        py::arg("seqlens"), py::arg("b"), py::arg("num_parts"), py::arg("split_cost"), py::arg("mode"),
         py::arg("metadata"), py::arg("num_splits"),
         py::arg("stream"));
   m.def("mla_decode", &mla_decode, "split-KV paged MLA decode + combine", py::arg("device"), py::arg("q"),

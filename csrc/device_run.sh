@@ -27,7 +27,7 @@ if [[ $mode == tests ]]; then
   timeout ${TEST_T:-240} python3 -m pytest -m gpu tests/kernels/test_sm90.py -q --maxfail=6 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 # BENCH_VARIANTS: space-separated "kernel:sched:pdl" triples, each a bench run (default: the default build)
-for v in ${BENCH_VARIANTS:-solo:greedy:1}; do
+for v in ${BENCH_VARIANTS:-solo:auto:1}; do
   IFS=: read -r k sch pdl <<< "$v"
   echo "== bench kernel=$k sched=$sch pdl=$pdl" | tee -a "$OUT/bench.log"
   MLASERVE_MLA_KERNEL=$k MLASERVE_MLA_SCHED=$sch MLASERVE_MLA_PDL=$pdl timeout ${BENCH_T:-200} \

@@ -164,13 +164,12 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
       RowState st;
       st.m[0] = st.m[1] = -INFINITY;
       st.l[0] = st.l[1] = 0.f;
-      // S of the request's first page; later pages' S are issued right behind the previous P V.
-      mbar_wait(smem_u32(&s.full_bar[it % kNumStages]), (it / kNumStages) & 1);
-      qk_full_issue(sacc, s, it % kNumStages);
-      wgmma_wait<0>();
-      fence_regs(sacc);
       for (int pg = lo; pg < hi; ++pg, ++it) {
         const int stage = it % kNumStages;
+        mbar_wait(smem_u32(&s.full_bar[stage]), (it / kNumStages) & 1);
+        qk_full_issue(sacc, s, stage);
+        wgmma_wait<0>();
+        fence_regs(sacc);
         if (pg * kPageSize + kPageSize > limit_min) {
           mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), limit_a, limit_b);
         }
@@ -188,21 +187,10 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
         fence_proxy_async();
         named_barrier_sync(kBarP, kConsumerThreads);
         rescale_rows(o, alpha_a, alpha_b);
-        pv_issue(o, s, stage, 0);
-        if (pg + 1 < hi) {
-          const int next = it + 1;
-          mbar_wait(smem_u32(&s.full_bar[next % kNumStages]), (next / kNumStages) & 1);
-          qk_full_issue(sacc, s, next % kNumStages);  // queued behind this page's P V
-          wgmma_wait<1>();                             // P V done: the stage can be refilled
-          fence_regs(o);
-          mbar_arrive(smem_u32(&s.empty_bar[stage]));
-          wgmma_wait<0>();
-          fence_regs(sacc);
-        } else {
-          wgmma_wait<0>();
-          fence_regs(o);
-          mbar_arrive(smem_u32(&s.empty_bar[stage]));
-        }
+        // (Measured, run 4: queueing the next page's S behind this P V before waiting for it was
+        // slower on every row; see NOTES.md. Wait, release the stage, then load the next S.)
+        pv_half(o, s, stage, 0);
+        mbar_arrive(smem_u32(&s.empty_bar[stage]));
       }
       l_a = quad_sum(st.l[0]);
       l_b = quad_sum(st.l[1]);

@@ -167,6 +167,7 @@ struct Packer {
 
 __global__ void __launch_bounds__(kSchedThreads) mla_metadata_greedy_kernel(const int* __restrict__ seqlens, int b,
                                                                              int num_parts, int split_cost,
+                                                                             bool always_pack,
                                                                              int* __restrict__ metadata,
                                                                              int* __restrict__ num_splits) {
   extern __shared__ int smem[];
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kSchedThreads) mla_metadata_greedy_kernel(cons
   __syncthreads();
   const int m = best;
   // The even cut pays about one split per part; prefer the packing only when its makespan is no worse.
-  if (m > lb + split_cost) {
+  if (!always_pack && m > lb + split_cost) {
     __syncthreads();
     even_cut_plan(seqlens, b, num_parts, metadata, num_splits, pages, splits, scratch);
     return;
@@ -246,14 +247,14 @@ __global__ void __launch_bounds__(kSchedThreads) mla_metadata_greedy_kernel(cons
 
 }  // namespace
 
-void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, bool even_cut, int* metadata,
+void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, int mode, int* metadata,
                          int* num_splits, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(2 * (b + 1)) * sizeof(int);
-  if (even_cut) {
+  if (mode == kPlanEven) {
     mla_metadata_kernel<<<1, kSchedThreads, smem, stream>>>(seqlens, b, num_parts, metadata, num_splits);
   } else {
-    mla_metadata_greedy_kernel<<<1, kSchedThreads, smem, stream>>>(seqlens, b, num_parts, split_cost, metadata,
-                                                                   num_splits);
+    mla_metadata_greedy_kernel<<<1, kSchedThreads, smem, stream>>>(seqlens, b, num_parts, split_cost,
+                                                                   mode == kPlanPack, metadata, num_splits);
   }
   check_cuda(cudaGetLastError(), "mla_metadata_kernel launch");
 }

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-timeout", type=float, default=None, help="seconds per request (with --server)"
     )
     parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
+        help="the gateway's bearer token (with --server; default: MLASERVE_AUTH_TOKEN)",
+    )
+    parser.add_argument(
         "--max-attempts", type=int, default=5, help="tries per request while the cluster is full or draining"
     )
     parser.add_argument(
@@ -101,7 +106,7 @@ def _backend(args: argparse.Namespace) -> AbstractAsyncContextManager[GenerateFn
     from mlaserve.cluster import batch_backends
 
     if args.server:
-        return batch_backends.grpc_backend(args.server, timeout=args.request_timeout)
+        return batch_backends.grpc_backend(args.server, timeout=args.request_timeout, token=args.auth_token)
     from mlaserve.cluster.commands.serve import init_ray, pool_config_from_args
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"

@@ -2,11 +2,16 @@
 
 Prints one markdown row per policy: p50/p99 time-to-first-token, p99 request latency,
 preemptions, rejections, peak cache occupancy and prompt tokens served from prefix caches.
+
+`mlaserve bench serve --server HOST:PORT`: a gRPC load generator against a running gateway
+(cluster/loadgen.py); prints throughput, latency percentiles and per-worker peak occupancy.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from dataclasses import replace
 
@@ -41,9 +46,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queued", type=int, default=None, help="queued requests per worker before rejecting"
     )
     router.add_argument("--seeds", default="0,1,2", help="comma-separated workload seeds; results are pooled")
+    _add_serve_arguments(sub)
+
+
+def _add_serve_arguments(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="load a running gateway over gRPC and measure it")
+    serve.add_argument(
+        "--server",
+        default=os.environ.get("MLASERVE_SERVER", "127.0.0.1:50051"),
+        help="gateway HOST:PORT (default: MLASERVE_SERVER, else 127.0.0.1:50051)",
+    )
+    serve.add_argument("--requests", type=int, default=100, help="requests to send (default 100)")
+    serve.add_argument("--concurrency", type=int, default=16, help="most requests in flight (default 16)")
+    serve.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens (default 128)")
+    serve.add_argument("--max-tokens", type=int, default=64, help="mean tokens generated (default 64)")
+    serve.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    serve.add_argument("--varlen", action="store_true", help="long-tailed prompt and output lengths")
+    serve.add_argument("--timeout", type=float, default=None, help="deadline of each request in seconds")
+    serve.add_argument(
+        "--bound-tokens-per-s", type=float, default=None, help="roofline output tokens/s to compare against"
+    )
+    serve.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
+    serve.add_argument(
+        "--auth-token",
+        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
+        help="bearer token (default: MLASERVE_AUTH_TOKEN)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from mlaserve.cluster.client import DecoderClient
+    from mlaserve.cluster.loadgen import LoadConfig, format_result, run_load
+
+    if args.bound_tokens_per_s is not None and not args.bound_tokens_per_s > 0:
+        raise SystemExit(f"--bound-tokens-per-s: must be > 0, got {args.bound_tokens_per_s}")
+    try:
+        cfg = LoadConfig(
+            requests=args.requests,
+            concurrency=args.concurrency,
+            prompt_len=args.prompt_len,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            varlen=args.varlen,
+            timeout_s=args.timeout,
+        )
+    except ValueError as e:
+        raise SystemExit(f"mlaserve bench serve: {e}") from None
+
+    async def go():
+        async with DecoderClient(args.server, token=args.auth_token) as client:
+            await client.wait_ready()
+            return await run_load(client, cfg)
+
+    try:
+        result = asyncio.run(go())
+    except (TimeoutError, ValueError) as e:
+        print(f"mlaserve bench serve: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{cfg.requests} requests to {args.server}, at most {cfg.concurrency} in flight, prompts of "
+        f"{cfg.prompt_len} tokens and {cfg.max_tokens} generated ({'long-tailed' if cfg.varlen else 'fixed'}"
+        f", mean), greedy, ignore_eos\n"
+    )
+    print(format_result(result, args.bound_tokens_per_s))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "serve":
+        return _run_serve(args)
     from mlaserve.cluster.simulation import SimConfig, compare_policies, markdown_table
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]

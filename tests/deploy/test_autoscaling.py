@@ -34,33 +34,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from tests.deploy.procs import descendants, reap  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MAX_NODES = 3
 IDLE_TIMEOUT_MIN = 0.05  # 3 s: idle fake GPU nodes go away quickly
-
-
-def _procs() -> dict[int, tuple[str, int]]:
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            rest = stat[stat.rindex(")") + 2 :].split()
-            table[int(name)] = (rest[0], int(rest[1]))
-    return table
-
-
-def _descendants(root: int) -> set[int]:
-    table = _procs()
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, (_, ppid) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def _free_port() -> int:
@@ -131,7 +110,9 @@ class FakeGpuCluster:
                f"--autoscaling-config={config_path}", "--include-dashboard=false", f"--temp-dir={self.dir}",
                "--block"]  # fmt: skip
         log = open(os.path.join(self.dir, "head.log"), "wb")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def connect(self, timeout: float = 120.0) -> None:
         """Wait for `ray start` to report the head up, then join it (one ray.init: a failed early
@@ -153,7 +134,7 @@ class FakeGpuCluster:
     def shutdown(self) -> None:
         if self.proc is None:
             return
-        self.spawned |= _descendants(self.proc.pid)
+        self.spawned |= descendants(self.proc.pid)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # the process group this test created
             try:
@@ -161,18 +142,7 @@ class FakeGpuCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            alive = {p for p in self.spawned if _procs().get(p, ("Z", 0))[0] != "Z"}
-            if not alive:
-                break
-            time.sleep(0.5)
-        else:
-            for pid in alive:  # fake nodes the autoscaler started outside the group
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        reap(self.spawned, timeout=15)  # e.g. fake nodes that left the process group
 
 
 @dataclass(frozen=True)
@@ -225,7 +195,10 @@ def _reload_ray_auth_settings() -> None:
 def fake_gpu_cluster() -> Iterator[FakeGpuCluster]:
     # Ray's token auth with a token of this cluster's own, not ~/.ray/auth_token (which other
     # clusters on this machine create and use): the head, its fake nodes and this driver see it.
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+    }
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     os.environ.pop("RAY_ADDRESS", None)
@@ -251,7 +224,9 @@ def make_input(path: Path, rng: random.Random, n: int) -> list[str]:
     with path.open("w") as f:
         for i in range(n):
             ids.append(f"job-{i}")
-            prompt = " ".join(rng.choice(["scale", "up", "down", "page", "latent"]) for _ in range(rng.randint(2, 6)))
+            prompt = " ".join(
+                rng.choice(["scale", "up", "down", "page", "latent"]) for _ in range(rng.randint(2, 6))
+            )
             f.write(json.dumps({"id": ids[-1], "prompt": prompt}) + "\n")
     return ids
 
@@ -317,7 +292,9 @@ def test_workers_and_nodes_rise_under_a_batch_job_and_fall_after(fake_gpu_cluste
     print(f"job ended at {job_end:.1f}s; (t, nodes, workers): {trace}")
     assert peak_workers >= 2, f"the pool never grew past one worker: {trace}"
     assert peak_nodes >= 3, f"the autoscaler never added a second GPU node: {trace}"
-    assert after.workers == 0 and after.nodes == 1, f"workers/nodes did not go away after the job: {after} {trace}"
+    assert after.workers == 0 and after.nodes == 1, (
+        f"workers/nodes did not go away after the job: {after} {trace}"
+    )
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     counts = Counter(r["id"] for r in records)

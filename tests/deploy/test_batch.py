@@ -368,6 +368,18 @@ def test_a_damaged_line_before_the_end_stops_the_job(tmp_path):
     assert out.read_text() == '{"id": "a", "line": 1, "text": ""}\n'
 
 
+def test_retry_failed_rewrite_also_drops_a_torn_tail(tmp_path):
+    out = tmp_path / "results.jsonl"
+    ok = '{"id": "a", "line": 1, "text": "x"}\n'
+    failed = '{"id": "b", "line": 2, "error": {"type": "request_failed", "message": "boom"}}\n'
+    dup = '{"id": "a", "line": 3, "error": {"type": "duplicate_id", "message": "again"}}\n'
+    out.write_text(ok + failed + dup + '{"id": "c", "li')
+    state = load_resume_state(out, retry_failed=True)
+    assert out.read_text() == ok + dup
+    assert state.done_ids == {"a"} and state.done_duplicate_lines == {3} and state.records == 2
+    assert load_resume_state(out) == state.__class__(frozenset({"a"}), frozenset({3}), 2, 0)
+
+
 @pytest.mark.parametrize(
     "line, field",
     [

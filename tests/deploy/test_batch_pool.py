@@ -19,49 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.procs import descendants, reap
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 N_LINES = 1000
 MODEL = "tiny"
-
-
-def _procs() -> dict[int, tuple[str, int]]:
-    """pid -> (state, ppid) of every process (from /proc)."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            rest = stat[stat.rindex(")") + 2 :].split()
-            table[int(name)] = (rest[0], int(rest[1]))
-    return table
-
-
-def descendants(root: int) -> set[int]:
-    table = _procs()
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, (_, ppid) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def reap(pids: set[int], timeout: float = 20.0) -> None:
-    """Wait for processes this test started (by pid) to exit; SIGKILL the ones that linger."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = {p for p in pids if _procs().get(p, ("Z",))[0] != "Z"}
-        if not alive:
-            return
-        time.sleep(0.5)
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def make_input(path: Path, rng: random.Random) -> list[dict]:
@@ -116,7 +79,9 @@ def test_thousand_lines_killed_mid_way_then_resumed(tmp_path, seed):
 
     second = subprocess.run(batch_cmd(inp, out), env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{N_LINES} lines" in second.stderr and f"{done_before} already done" in second.stderr, second.stderr[-500:]
+    assert f"{N_LINES} lines" in second.stderr and f"{done_before} already done" in second.stderr, (
+        second.stderr[-500:]
+    )
     after = out.read_bytes()
     assert after.startswith(before), "the rerun rewrote lines the first run had written"
 

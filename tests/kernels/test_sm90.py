@@ -257,7 +257,7 @@ def test_argument_errors_name_the_argument(seed):
 
 
 @pytest.mark.parametrize("kernel", ["split", "solo"])
-@pytest.mark.parametrize("sched", ["even", "greedy"])
+@pytest.mark.parametrize("sched", ["even", "pack", "auto"])
 def test_kernel_and_scheduler_variants(seed, monkeypatch, kernel, sched):
     """Every consumer schedule (MLASERVE_MLA_KERNEL) and split plan (MLASERVE_MLA_SCHED) is exact."""
     monkeypatch.setenv("MLASERVE_MLA_KERNEL", kernel)

@@ -37,6 +37,8 @@ METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
 # consumer schedules of the main kernel (csrc/mla_kernel.cuh); MLASERVE_MLA_KERNEL picks one
 _SCHEDULES = {"split": 0, "solo": 1}
+# split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
+_PLANS = {"auto": 0, "even": 1, "pack": 2}
 
 
 def is_supported() -> bool:
@@ -87,9 +89,10 @@ def split_cost_for(num_q_tokens_per_head_k: int) -> int:
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int):
     """Split-KV plan for one decode step (reusable across its layers); computed on the GPU.
 
-    The plan packs requests, in order, into about one part per SM, choosing on the GPU the smallest
-    makespan for which the packing fits and splitting a request only where balance gains more than
-    the split costs (MLASERVE_MLA_SCHED=even selects FlashMLA's even cut of the cost line instead).
+    About one part per SM. The GPU packs requests, in order, at the smallest makespan for which the
+    packing fits, splitting a request only where balance gains more than the split costs; when that
+    packing is not better than FlashMLA's even cut of the cost line (one split per part), the even
+    cut is used. MLASERVE_MLA_SCHED=even|pack forces one of the two.
     """
     check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     device = _check_device("cache_seqlens", cache_seqlens)
@@ -108,8 +111,8 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         metadata[:, 2] = -1
         num_splits.zero_()
         return metadata, num_splits
-    even = os.environ.get("MLASERVE_MLA_SCHED", "").lower() == "even"
-    _C.get_mla_metadata(device, cache_seqlens.data_ptr(), b, parts, split_cost_for(num_q_tokens_per_head_k), even,
+    mode = _PLANS[os.environ.get("MLASERVE_MLA_SCHED", "auto").lower()]
+    _C.get_mla_metadata(device, cache_seqlens.data_ptr(), b, parts, split_cost_for(num_q_tokens_per_head_k), mode,
                         metadata.data_ptr(), num_splits.data_ptr(), stream)
     return metadata, num_splits
 
