@@ -9,7 +9,8 @@
 #    repository (Ubuntu) unless MLASERVE_INSTALL_CUDA=0;
 # 3. `pip install` of the checkout in $MLASERVE_SRC (default ~/mlaserve, synced by file_mounts),
 #    compiling the kernel with MLASERVE_CUDA (default ON: a build without the kernel fails here,
-#    not later on a GPU node); then a check that the extension imports.
+#    not later on a GPU node), Ray pinned to $MLASERVE_RAY_VERSION if set; then a check that the
+#    extension was installed.
 set -euo pipefail
 
 SRC=${MLASERVE_SRC:-$HOME/mlaserve}
@@ -100,6 +101,9 @@ if [[ ! -f "$SRC/pyproject.toml" ]]; then
 fi
 log "pip install $SRC (MLASERVE_CUDA=$MLASERVE_CUDA)"
 python -m pip install --quiet "$SRC"
+if [[ -n "${MLASERVE_RAY_VERSION:-}" ]]; then  # match the Ray you run `ray up` / `ray job submit` with
+  python -m pip install --quiet "ray[default]==$MLASERVE_RAY_VERSION"
+fi
 
 if [[ "$MLASERVE_CUDA" == "ON" ]]; then
   python - <<'PY'

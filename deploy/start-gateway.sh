@@ -12,6 +12,8 @@
 #   MLASERVE_MODEL        preset name or checkpoint directory visible on every GPU node (shared storage)
 #   MLASERVE_PORT         gRPC port (50051)
 #   MLASERVE_MIN_WORKERS  workers kept up when idle (1); MLASERVE_MAX_WORKERS: upper bound (32 = 4 nodes x 8 GPUs)
+#   MLASERVE_GPUS_PER_WORKER  GPUs each worker holds (1): explicit, because the gateway starts
+#                         before the autoscaler has launched any GPU node
 #   MLASERVE_SERVE_ARGS   anything else for `mlaserve serve`
 set -euo pipefail
 
@@ -26,12 +28,14 @@ MODEL=${MLASERVE_MODEL:-deepseek-v2-lite}
 PORT=${MLASERVE_PORT:-50051}
 MIN_WORKERS=${MLASERVE_MIN_WORKERS:-1}
 MAX_WORKERS=${MLASERVE_MAX_WORKERS:-32}
+GPUS_PER_WORKER=${MLASERVE_GPUS_PER_WORKER:-1}
 PIDFILE=${MLASERVE_GATEWAY_PIDFILE:-$HOME/.mlaserve-gateway.pid}
 LOG=${MLASERVE_GATEWAY_LOG:-$HOME/mlaserve-gateway.log}
 
 # shellcheck disable=SC2206
 CMD=(mlaserve serve --address auto --host 0.0.0.0 --port "$PORT" --model "$MODEL"
-  --min-workers "$MIN_WORKERS" --max-workers "$MAX_WORKERS" ${MLASERVE_SERVE_ARGS:-})
+  --min-workers "$MIN_WORKERS" --max-workers "$MAX_WORKERS" --num-gpus-per-worker "$GPUS_PER_WORKER"
+  ${MLASERVE_SERVE_ARGS:-})
 
 stop_previous() {
   [[ -f "$PIDFILE" ]] || return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import sys
 from contextlib import AbstractAsyncContextManager
@@ -73,14 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=None)
     pool = parser.add_argument_group("worker pool (without --server)")
     add_pool_arguments(pool)  # type: ignore[arg-type]
-    if "--num-gpus-per-worker" not in parser._option_string_actions:
-        pool.add_argument(
-            "--num-gpus-per-worker",
-            type=float,
-            default=None,
-            help="GPUs each worker holds (default: 1 if the cluster has GPUs when the job starts, else 0); "
-            "give 1 on an autoscaling cluster that starts without GPU nodes",
-        )
 
 
 def _config(args: argparse.Namespace) -> BatchConfig:
@@ -111,8 +102,6 @@ def _backend(args: argparse.Namespace) -> AbstractAsyncContextManager[GenerateFn
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     pool_config: Any = pool_config_from_args(args)
-    if args.num_gpus_per_worker is not None and pool_config.num_gpus_per_worker is None:
-        pool_config = dataclasses.replace(pool_config, num_gpus_per_worker=args.num_gpus_per_worker)
     init_ray(None if address == "local" else address)
     return batch_backends.pool_backend(pool_config)
 

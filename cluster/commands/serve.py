@@ -52,6 +52,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: per device)"
     )
+    parser.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs each worker holds (default: 1 if the cluster has GPUs at start, else 0); "
+        "give 1 on an autoscaling cluster whose GPU nodes start on demand",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +105,8 @@ def pool_config_from_args(args: argparse.Namespace) -> Any:
             if value < (0 if name == "min_workers" else 1):
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
             kwargs[name] = value
+    if getattr(args, "num_gpus_per_worker", None) is not None:
+        kwargs["num_gpus_per_worker"] = args.num_gpus_per_worker
     engine_kwargs = {}
     if args.num_pages is not None:
         engine_kwargs["num_pages"] = args.num_pages

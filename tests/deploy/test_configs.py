@@ -221,6 +221,8 @@ def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
     assert argv[argv.index("--port") + 1] == "7000"
     assert argv[argv.index("--model") + 1] == "/mnt/models/from-env-file"
     assert argv[argv.index("--address") + 1] == "auto"
+    # Workers hold a GPU even though the cluster has none yet when the gateway starts.
+    assert argv[argv.index("--num-gpus-per-worker") + 1] == "1"
 
     from mlaserve.cluster.cli import COMMANDS
 
@@ -229,7 +231,10 @@ def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
 
     parser = argparse.ArgumentParser(prog="mlaserve serve")
     serve.add_arguments(parser)
-    parser.parse_args(argv)  # SystemExit here means the script drifted from the CLI
+    args = parser.parse_args(argv)  # SystemExit here means the script drifted from the CLI
+    pool_config = serve.pool_config_from_args(args)
+    assert pool_config.num_gpus_per_worker == 1.0
+    assert pool_config.model == "/mnt/models/from-env-file"
 
 
 def test_start_gateway_detaches_waits_until_status_answers_and_stops(tmp_path: Path):
