@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+from mlaserve.worker.errors import RequestError
+
 
 class ClusterError(Exception):
     """Base of the errors a request can end with."""
 
 
-class InvalidRequest(ClusterError):
-    """Bad input (-> INVALID_ARGUMENT). `field` names the offending request field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def __reduce__(self):  # survive pickling (Ray ships exceptions between processes)
-        return (type(self), (self.field, self.message))
+class InvalidRequest(RequestError, ClusterError):
+    """Bad input (-> INVALID_ARGUMENT). `field` names the offending request field; the engine's
+    RequestError with the cluster's base class, so either side's handler catches it."""
 
 
 class QueueFull(ClusterError):

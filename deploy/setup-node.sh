@@ -2,11 +2,13 @@
 # Install mlaserve on one cluster node (run by `ray up` as a setup command; safe to rerun).
 #
 #   MLASERVE_CUDA=ON bash ~/mlaserve/deploy/setup-node.sh
+#   bash deploy/setup-node.sh --find-nvcc     # only print the nvcc it would use
 #
 # 1. a virtualenv (~/mlaserve-venv, or $MLASERVE_VENV) that login shells activate, so that `ray`
 #    and `mlaserve` resolve to it in the start commands;
-# 2. nvcc from CUDA >= 12.3 (sm_90a): $CUDACXX, PATH, /usr/local/cuda*, else NVIDIA's apt
-#    repository (Ubuntu) unless MLASERVE_INSTALL_CUDA=0;
+# 2. nvcc from CUDA >= 12.3 (sm_90a): $CUDACXX, else the newest on PATH or under
+#    $MLASERVE_CUDA_ROOTS (/usr/local/cuda*), else from NVIDIA's apt repository (Ubuntu) unless
+#    MLASERVE_INSTALL_CUDA=0;
 # 3. `pip install` of the checkout in $MLASERVE_SRC (default ~/mlaserve, synced by file_mounts),
 #    compiling the kernel with MLASERVE_CUDA (default ON: a build without the kernel fails here,
 #    not later on a GPU node), Ray pinned to $MLASERVE_RAY_VERSION if set; then a check that the
@@ -22,6 +24,39 @@ MIN_CUDA_MINOR=3
 log() { echo "[mlaserve setup] $*" >&2; }
 
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+cuda_version() {  # cuda_version NVCC -> prints major*100+minor of its release
+  local rel
+  rel=$("$1" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2/p' | head -n 1)
+  [[ -n "$rel" ]] || return 1
+  set -- $rel
+  echo $(($1 * 100 + $2))
+}
+
+find_nvcc() {  # $CUDACXX if recent enough, else the newest nvcc >= MIN on PATH or under the CUDA roots
+  local min=$((MIN_CUDA_MAJOR * 100 + MIN_CUDA_MINOR)) best="" best_v=0 c v root
+  if [[ -n "${CUDACXX:-}" && -x "${CUDACXX}" ]] && v=$(cuda_version "$CUDACXX") && ((v >= min)); then
+    echo "$CUDACXX"
+    return 0
+  fi
+  for c in "$(command -v nvcc || true)" $(for root in ${MLASERVE_CUDA_ROOTS:-/usr/local/cuda /usr/local/cuda-*}; do
+    echo "$root/bin/nvcc"
+  done); do
+    [[ -n "$c" && -x "$c" ]] || continue
+    v=$(cuda_version "$c") || continue
+    if ((v >= min && v > best_v)); then
+      best=$c
+      best_v=$v
+    fi
+  done
+  [[ -n "$best" ]] && echo "$best"
+}
+
+# `setup-node.sh --find-nvcc`: only print the nvcc this script would build with (or fail).
+if [[ "${1:-}" == "--find-nvcc" ]]; then
+  find_nvcc
+  exit
+fi
 
 # --- 1. Python environment -------------------------------------------------------------------
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -45,23 +80,6 @@ source "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 
 # --- 2. nvcc (CUDA >= 12.3) --------------------------------------------------------------------
-cuda_ok() {  # cuda_ok NVCC -> 0 when it reports release >= MIN
-  local rel
-  rel=$("$1" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
-  [[ -n "$rel" ]] || return 1
-  set -- $rel
-  (( $1 > MIN_CUDA_MAJOR || ($1 == MIN_CUDA_MAJOR && $2 >= MIN_CUDA_MINOR) ))
-}
-
-find_nvcc() {
-  local c
-  for c in ${CUDACXX:-} "$(command -v nvcc || true)" /usr/local/cuda/bin/nvcc \
-    $(ls -d /usr/local/cuda-*/bin/nvcc 2>/dev/null | sort -t- -k2 -V -r); do
-    if [[ -n "$c" && -x "$c" ]] && cuda_ok "$c"; then echo "$c"; return 0; fi
-  done
-  return 1
-}
-
 NVCC=""
 if [[ "$MLASERVE_CUDA" != "OFF" ]]; then
   NVCC=$(find_nvcc || true)

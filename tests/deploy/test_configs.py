@@ -267,3 +267,52 @@ def test_start_gateway_reports_a_gateway_that_dies(tmp_path: Path):
     )
     assert done.returncode == 1
     assert "model not found" in done.stderr
+
+
+# --- setup-node.sh: which nvcc it builds the sm_90a kernel with --------------------------------
+
+
+def _fake_nvcc(directory: Path, release: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    nvcc = directory / "nvcc"
+    nvcc.write_text(
+        "#!/bin/sh\n"
+        'echo "nvcc: NVIDIA (R) Cuda compiler driver"\n'
+        f'echo "Cuda compilation tools, release {release}, V{release}.99"\n'
+    )
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+def _find_nvcc(tmp_path: Path, cudacxx: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": f"{tmp_path / 'path-bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "MLASERVE_CUDA_ROOTS": f"{tmp_path / 'cuda-12.2'} {tmp_path / 'cuda-12.*'} {tmp_path / 'cuda-11.8'}",
+    }
+    if cudacxx is not None:
+        env["CUDACXX"] = str(cudacxx)
+    return subprocess.run(
+        ["bash", str(DEPLOY / "setup-node.sh"), "--find-nvcc"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_setup_picks_the_newest_nvcc_recent_enough_for_sm90a(tmp_path: Path):
+    _fake_nvcc(tmp_path / "path-bin", "12.1")  # on PATH, but too old for sm_90a
+    _fake_nvcc(tmp_path / "cuda-11.8" / "bin", "11.8")
+    _fake_nvcc(tmp_path / "cuda-12.2" / "bin", "12.2")
+    assert _find_nvcc(tmp_path).returncode != 0, "no CUDA >= 12.3 yet: nothing may be chosen"
+
+    _fake_nvcc(tmp_path / "cuda-12.4" / "bin", "12.4")
+    newest = _fake_nvcc(tmp_path / "cuda-12.10" / "bin", "12.10")  # version order, not text order
+    found = _find_nvcc(tmp_path)
+    assert found.returncode == 0 and found.stdout.strip() == str(newest), found
+
+    chosen = _fake_nvcc(tmp_path / "mine" / "bin", "12.6")
+    assert _find_nvcc(tmp_path, cudacxx=chosen).stdout.strip() == str(chosen)  # CUDACXX wins when recent
+    old = _fake_nvcc(tmp_path / "old" / "bin", "12.0")
+    assert _find_nvcc(tmp_path, cudacxx=old).stdout.strip() == str(newest)
