@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "api.h"
+#include "config.h"
 
 namespace py = pybind11;
 
@@ -70,10 +71,10 @@ int num_sms(int device) { return mla::num_sms(device); }
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mlaserve paged MLA decode kernels for Hopper (sm_90a); takes raw pointers, links no torch";
   m.attr("ARCH") = "sm_90a";
-  m.attr("PAGE_SIZE") = 64;
-  m.attr("BLOCK_M") = 64;
-  m.attr("METADATA_FIELDS") = 8;
-  m.attr("MAX_BATCH") = 4096;
+  m.attr("PAGE_SIZE") = mla::kPageSize;
+  m.attr("BLOCK_M") = mla::kBlockM;
+  m.attr("METADATA_FIELDS") = mla::kMetadataFields;
+  m.attr("MAX_BATCH") = mla::kMaxBatchMetadata;
   m.def("get_mla_metadata", &get_mla_metadata, "GPU split-KV plan from cache_seqlens", py::arg("device"),
         py::arg("seqlens"), py::arg("b"), py::arg("num_parts"), py::arg("split_cost"), py::arg("mode"),
         py::arg("metadata"), py::arg("num_splits"),

@@ -1,7 +1,6 @@
 """Device smoke check (not a test): a few small cases against the reference, printing errors
 instead of asserting, so one device call shows as much as possible. Run by csrc/device_run.sh."""
 
-import math
 import sys
 import time
 
@@ -9,6 +8,7 @@ import torch
 
 sys.path.insert(0, ".")
 from mlaserve.worker.kernels import reference, sm90  # noqa: E402
+
 from tests.kernels.test_sm90 import make_inputs  # noqa: E402
 
 
@@ -32,9 +32,12 @@ def one(seqlens, s_q, h_q, h_kv, causal, seed=0):
     lse_err = (lse[fin] - rl[fin]).abs().max().item() if fin.any() else 0.0
     nan = bool(torch.isnan(out).any() or torch.isnan(lse).any())
     status = "OK " if max(errs) <= 1e-2 and lse_err <= 1e-3 and same_inf and not nan else "BAD"
-    print(f"{status} lens={seqlens if len(seqlens) <= 6 else f'{len(seqlens)} reqs'} s_q={s_q} h_q={h_q} "
-          f"h_kv={h_kv} causal={causal}: max rel err {max(errs):.2e} lse err {lse_err:.2e} "
-          f"inf-match {same_inf} nan {nan} ({dt * 1e3:.1f} ms)", flush=True)
+    print(
+        f"{status} lens={seqlens if len(seqlens) <= 6 else f'{len(seqlens)} reqs'} s_q={s_q} h_q={h_q} "
+        f"h_kv={h_kv} causal={causal}: max rel err {max(errs):.2e} lse err {lse_err:.2e} "
+        f"inf-match {same_inf} nan {nan} ({dt * 1e3:.1f} ms)",
+        flush=True,
+    )
     if status == "BAD":
         print("   per-request rel err:", [f"{x:.1e}" for x in errs][:16])
         print("   splits:", splits.tolist()[:20], "meta rows:", meta.tolist()[:4])
@@ -42,7 +45,9 @@ def one(seqlens, s_q, h_q, h_kv, causal, seed=0):
 
 
 if __name__ == "__main__":
-    print("device:", torch.cuda.get_device_name(), "parts for R=64:", sm90.num_parts_for(64, 1, 0), flush=True)
+    print(
+        "device:", torch.cuda.get_device_name(), "parts for R=64:", sm90.num_parts_for(64, 1, 0), flush=True
+    )
     ok = True
     ok &= one([64], 1, 64, 1, False)
     ok &= one([100], 1, 16, 1, False)

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Start (or restart) the mlaserve gRPC gateway on the Ray head node.
 #
-#   bash ~/mlaserve/deploy/start-gateway.sh                 # detached; log in ~/mlaserve-gateway.log
+#   bash ~/mlaserve/deploy/start-gateway.sh                 # detached; waits until it answers
+#   bash ~/mlaserve/deploy/start-gateway.sh --no-wait       # detached, returns at once (ray up)
 #   bash ~/mlaserve/deploy/start-gateway.sh --foreground    # in this terminal (systemd, debugging)
-#   bash ~/mlaserve/deploy/start-gateway.sh --no-wait       # detached, without waiting until it answers
 #   bash ~/mlaserve/deploy/start-gateway.sh --stop
 #
 # The gateway joins the running Ray cluster (`--address auto`), starts its pool of GPU workers and
-# serves mlaserve.v1.Decoder on $MLASERVE_PORT. Settings come from the environment, then from
-# ~/mlaserve.env (KEY=value lines), then the defaults below:
+# serves mlaserve.v1.Decoder on $MLASERVE_PORT. Detached, it runs under a small supervisor that
+# restarts `mlaserve serve` when it exits with an error: on a fresh cluster the first GPU node can
+# take longer to launch and set up than the pool waits for its first worker. Its output goes to
+# ~/mlaserve-gateway.log. Waiting for it to answer (the default), the first failed start stops
+# everything and prints the log instead.
+#
+# Settings come from the environment, then from ~/mlaserve.env (KEY=value lines), then the
+# defaults below:
 #   MLASERVE_MODEL        preset name or checkpoint directory visible on every GPU node (shared storage)
 #   MLASERVE_PORT         gRPC port (50051)
 #   MLASERVE_MIN_WORKERS  workers kept up when idle (1); MLASERVE_MAX_WORKERS: upper bound (32 = 4 nodes x 8 GPUs)
 #   MLASERVE_GPUS_PER_WORKER  GPUs each worker holds (1): explicit, because the gateway starts
 #                         before the autoscaler has launched any GPU node
+#   MLASERVE_AUTH_TOKEN   bearer token the gateway requires (unset: none)
 #   MLASERVE_SERVE_ARGS   anything else for `mlaserve serve`
 set -euo pipefail
 
@@ -31,30 +38,50 @@ MAX_WORKERS=${MLASERVE_MAX_WORKERS:-32}
 GPUS_PER_WORKER=${MLASERVE_GPUS_PER_WORKER:-1}
 PIDFILE=${MLASERVE_GATEWAY_PIDFILE:-$HOME/.mlaserve-gateway.pid}
 LOG=${MLASERVE_GATEWAY_LOG:-$HOME/mlaserve-gateway.log}
+RESTART_DELAY_S=${MLASERVE_GATEWAY_RESTART_DELAY_S:-10}
+WAIT_S=${MLASERVE_GATEWAY_WAIT_S:-600}
+EXITED="mlaserve gateway: serve exited with status"
 
 # shellcheck disable=SC2206
 CMD=(mlaserve serve --address auto --host 0.0.0.0 --port "$PORT" --model "$MODEL"
   --min-workers "$MIN_WORKERS" --max-workers "$MAX_WORKERS" --num-gpus-per-worker "$GPUS_PER_WORKER"
   ${MLASERVE_SERVE_ARGS:-})
 
-stop_previous() {
+alive() {  # a running process (a zombie nobody has reaped yet counts as gone)
+  [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+  [[ "$(sed -n 's/.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null)" != "Z" ]]
+}
+
+stop_previous() {  # the supervisor leads its own process group: stop the group, serve included
   [[ -f "$PIDFILE" ]] || return 0
   local pid
   pid=$(cat "$PIDFILE")
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "stopping the gateway (pid $pid): it drains its in-flight requests first"
-    kill -TERM "$pid"
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+  if alive "$pid"; then
+    echo "stopping the gateway (process group $pid): it drains its in-flight requests first"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+    for _ in $(seq 1 60); do alive "$pid" || break; sleep 1; done
+    if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; fi
   fi
   rm -f "$PIDFILE"
 }
 
-WAIT_S=${MLASERVE_GATEWAY_WAIT_S:-600}
+supervise() {  # run serve until it stops cleanly; restart it after a failure
+  local child="" rc
+  echo $$ >"$PIDFILE"  # this process leads its own session and process group (setsid)
+  trap 'alive "$child" && kill -TERM "$child"; wait "$child" 2>/dev/null; exit 0' TERM INT
+  while true; do
+    "${CMD[@]}" &
+    child=$!
+    rc=0
+    wait "$child" || rc=$?
+    [[ $rc -eq 0 ]] && exit 0
+    echo "$EXITED $rc; restarting in ${RESTART_DELAY_S} s"
+    sleep "$RESTART_DELAY_S" &
+    wait $! || true
+  done
+}
+
 case "${1:-}" in
-  --no-wait)
-    WAIT_S=0
-    ;;
   --stop)
     stop_previous
     exit 0
@@ -63,24 +90,34 @@ case "${1:-}" in
     stop_previous
     exec "${CMD[@]}"
     ;;
+  --supervise) # internal: the detached process
+    supervise
+    ;;
+  --no-wait)
+    WAIT_S=0
+    ;;
   "") ;;
   *)
-    echo "usage: $0 [--foreground | --no-wait | --stop]" >&2
+    echo "usage: $0 [--no-wait | --foreground | --stop]" >&2
     exit 2
     ;;
 esac
 
 stop_previous
+touch "$LOG"
+offset=$(wc -c <"$LOG")
 echo "starting: ${CMD[*]}  (log: $LOG)"
-nohup "${CMD[@]}" >>"$LOG" 2>&1 </dev/null &
-echo $! >"$PIDFILE"
+setsid nohup bash "$0" --supervise >>"$LOG" 2>&1 </dev/null &
+for _ in $(seq 1 100); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
 
-# Ready once `mlaserve status` gets an answer through the port (the model may take minutes to load).
+# Ready once `mlaserve status` gets an answer through the port (the first GPU node and the model
+# can take many minutes).
 [[ "$WAIT_S" -gt 0 ]] || exit 0
 for _ in $(seq 1 "$WAIT_S"); do
-  if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-    echo "the gateway exited; last lines of $LOG:" >&2
-    tail -n 30 "$LOG" >&2
+  if tail -c "+$((offset + 1))" "$LOG" | grep -q "$EXITED" || ! alive "$(cat "$PIDFILE")"; then
+    echo "the gateway failed to start; last lines of $LOG:" >&2
+    tail -c "+$((offset + 1))" "$LOG" | tail -n 30 >&2
+    stop_previous >/dev/null
     exit 1
   fi
   if mlaserve status --server "localhost:$PORT" >/dev/null 2>&1; then
@@ -89,4 +126,4 @@ for _ in $(seq 1 "$WAIT_S"); do
   fi
   sleep 1
 done
-echo "the gateway did not answer on port $PORT yet (still loading?); see $LOG" >&2
+echo "the gateway did not answer on port $PORT within $WAIT_S s (still loading?); see $LOG" >&2

@@ -127,7 +127,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = asyncio.run(_run(config, args))
-    except (OutputCorrupt, TimeoutError, OSError) as exc:
+    except KeyboardInterrupt:
+        print(
+            f"mlaserve batch: interrupted; run the same command again to resume ({config.output_path})",
+            file=sys.stderr,
+        )
+        return 130
+    except ValueError as exc:  # e.g. a malformed --server address
+        print(f"mlaserve batch: {exc}", file=sys.stderr)
+        return 2
+    except (
+        OutputCorrupt,
+        TimeoutError,
+        OSError,
+        RuntimeError,
+    ) as exc:  # RuntimeError: the pool did not start
         print(f"mlaserve batch: {exc}", file=sys.stderr)
         return 1
     finally:

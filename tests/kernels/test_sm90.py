@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-
 from mlaserve.worker.kernels import reference
 
 sm90 = pytest.importorskip("mlaserve.worker.kernels.sm90")
@@ -53,13 +52,15 @@ def make_inputs(seqlens, s_q, h_q, h_kv, gen, device="cuda", spare_pages=5):
 def run_sm90(q, k_cache, block_table, seq, causal, scale=None, **kw):
     s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
     meta, splits = sm90.get_mla_metadata(seq, s_q * h_q // h_kv, h_kv)
-    return sm90.flash_mla_with_kvcache(q, k_cache, block_table, seq, 512, meta, splits, softmax_scale=scale,
-                                       causal=causal, **kw)
+    return sm90.flash_mla_with_kvcache(
+        q, k_cache, block_table, seq, 512, meta, splits, softmax_scale=scale, causal=causal, **kw
+    )
 
 
 def check_against_reference(q, k_cache, block_table, seq, causal, out, lse, scale=None):
-    ref_out, ref_lse = reference.flash_mla_with_kvcache(q, k_cache, block_table, seq, 512, softmax_scale=scale,
-                                                        causal=causal)
+    ref_out, ref_lse = reference.flash_mla_with_kvcache(
+        q, k_cache, block_table, seq, 512, softmax_scale=scale, causal=causal
+    )
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert not torch.isnan(out).any(), "NaN in out"
     assert not torch.isnan(lse).any(), "NaN in lse"
@@ -225,8 +226,15 @@ def test_argument_errors_name_the_argument(seed):
     meta, splits = sm90.get_mla_metadata(seq, 16, 1)
 
     def call(**kw):
-        args = dict(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=seq, head_dim_v=512,
-                    tile_scheduler_metadata=meta, num_splits=splits)
+        args = dict(
+            q=q,
+            k_cache=k_cache,
+            block_table=block_table,
+            cache_seqlens=seq,
+            head_dim_v=512,
+            tile_scheduler_metadata=meta,
+            num_splits=splits,
+        )
         args.update(kw)
         return sm90.flash_mla_with_kvcache(**args)
 
@@ -263,8 +271,11 @@ def test_kernel_and_scheduler_variants(seed, monkeypatch, kernel, sched):
     monkeypatch.setenv("MLASERVE_MLA_KERNEL", kernel)
     monkeypatch.setenv("MLASERVE_MLA_SCHED", sched)
     gen = torch.Generator().manual_seed(seed)
-    for seqlens, s_q, h_q, h_kv in (([0] + _lens(gen, 40, 1, 4000), 2, 64, 1), ([5000, 1, 0, 70], 3, 40, 2),
-                                    ([16384], 1, 128, 1)):
+    for seqlens, s_q, h_q, h_kv in (
+        ([0] + _lens(gen, 40, 1, 4000), 2, 64, 1),
+        ([5000, 1, 0, 70], 3, 40, 2),
+        ([16384], 1, 128, 1),
+    ):
         q, k_cache, block_table, seq = make_inputs(seqlens, s_q, h_q, h_kv, gen)
         out, lse = run_sm90(q, k_cache, block_table, seq, True)
         torch.cuda.synchronize()

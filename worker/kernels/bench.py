@@ -102,8 +102,18 @@ def run_row(kernels, cache: CacheSets, s_q: int, h_q: int, iters: int) -> float:
 
     def call(i):
         j = i % copies
-        kernels.flash_mla_with_kvcache(qs[j], cache.k_cache, cache.block_tables[j], cache.seqlens, DV, meta, splits,
-                                       causal=True, out=outs[j], lse=lses[j])
+        kernels.flash_mla_with_kvcache(
+            qs[j],
+            cache.k_cache,
+            cache.block_tables[j],
+            cache.seqlens,
+            DV,
+            meta,
+            splits,
+            causal=True,
+            out=outs[j],
+            lse=lses[j],
+        )
 
     return statistics.median(_time_calls(call, iters, warmup=6))
 
@@ -128,14 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps = measure_copy_gbps()
     gemm_tf = measure_gemm_tflops()
     print(f"# {dev}: copy {copy_gbps:.0f} GB/s (read+write), bf16 GEMM {gemm_tf:.0f} TFLOP/s (same run)")
-    hdr = (f"{'s_q':>3} {'h_q':>4} {'s_k':>6} {'mode':>6} {'us':>8} {'GB/s':>7} {'%copy':>6} {'TF/s':>6} "
-           f"{'%gemm':>6} {'FlashMLA':>9} {'vs FM':>6}")
+    hdr = (
+        f"{'s_q':>3} {'h_q':>4} {'s_k':>6} {'mode':>6} {'us':>8} {'GB/s':>7} {'%copy':>6} {'TF/s':>6} "
+        f"{'%gemm':>6} {'FlashMLA':>9} {'vs FM':>6}"
+    )
     print(hdr)
     rows = []
     for s_k in args.s_k:
         for mode in args.mode:
-            wanted = [(s_q, h_q) for s_q in args.s_q for h_q in args.h_q
-                      if not args.quick or (s_q, h_q, s_k, mode) in FLASHMLA_US]
+            wanted = [
+                (s_q, h_q)
+                for s_q in args.s_q
+                for h_q in args.h_q
+                if not args.quick or (s_q, h_q, s_k, mode) in FLASHMLA_US
+            ]
             if not wanted:
                 continue
             lens = lengths_for(s_k, 1 if mode == "fixed" else max(args.s_q), mode, args.batch)
@@ -148,9 +164,11 @@ def main(argv: list[str] | None = None) -> None:
                 gbps = nbytes / (us * 1e-6) / 1e9
                 tf = flops / (us * 1e-6) / 1e12
                 fm = FLASHMLA_US.get((s_q, h_q, s_k, mode))
-                line = (f"{s_q:>3} {h_q:>4} {s_k:>6} {mode:>6} {us:>8.1f} {gbps:>7.0f} {100 * gbps / copy_gbps:>5.1f}% "
-                        f"{tf:>6.0f} {100 * tf / gemm_tf:>5.1f}% {fm if fm else '':>9} "
-                        f"{(f'{fm / us:.2f}x' if fm else ''):>6}")
+                line = (
+                    f"{s_q:>3} {h_q:>4} {s_k:>6} {mode:>6} {us:>8.1f} {gbps:>7.0f} {100 * gbps / copy_gbps:>5.1f}% "
+                    f"{tf:>6.0f} {100 * tf / gemm_tf:>5.1f}% {fm if fm else '':>9} "
+                    f"{(f'{fm / us:.2f}x' if fm else ''):>6}"
+                )
                 print(line, flush=True)
                 rows.append(line)
             del cache

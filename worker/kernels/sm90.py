@@ -112,8 +112,17 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         num_splits.zero_()
         return metadata, num_splits
     mode = _PLANS[os.environ.get("MLASERVE_MLA_SCHED", "auto").lower()]
-    _C.get_mla_metadata(device, cache_seqlens.data_ptr(), b, parts, split_cost_for(num_q_tokens_per_head_k), mode,
-                        metadata.data_ptr(), num_splits.data_ptr(), stream)
+    _C.get_mla_metadata(
+        device,
+        cache_seqlens.data_ptr(),
+        b,
+        parts,
+        split_cost_for(num_q_tokens_per_head_k),
+        mode,
+        metadata.data_ptr(),
+        num_splits.data_ptr(),
+        stream,
+    )
     return metadata, num_splits
 
 
@@ -147,10 +156,15 @@ def flash_mla_with_kvcache(
     _check_aligned("q", q, 8, "16-byte aligned rows (strides multiples of 8 elements)")
     _check_aligned("k_cache", k_cache, 8, "16-byte aligned rows (strides multiples of 8 elements)")
     if block_table.stride(-1) != 1:
-        raise ValueError(f"block_table must be contiguous in its last dimension, got strides {tuple(block_table.stride())}")
+        raise ValueError(
+            f"block_table must be contiguous in its last dimension, got strides {tuple(block_table.stride())}"
+        )
     if not cache_seqlens.is_contiguous():
         raise ValueError("cache_seqlens must be contiguous")
-    for name, t, n in (("tile_scheduler_metadata", tile_scheduler_metadata, None), ("num_splits", num_splits, b + 1)):
+    for name, t, n in (
+        ("tile_scheduler_metadata", tile_scheduler_metadata, None),
+        ("num_splits", num_splits, b + 1),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor from get_mla_metadata, got {type(t).__name__}")
         if t.dtype != torch.int32:
@@ -171,7 +185,11 @@ def flash_mla_with_kvcache(
     if out is None:
         out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device)
     else:
-        if not isinstance(out, torch.Tensor) or out.dtype != q.dtype or tuple(out.shape) != (b, s_q, h_q, HEAD_DIM_V):
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dtype != q.dtype
+            or tuple(out.shape) != (b, s_q, h_q, HEAD_DIM_V)
+        ):
             raise ValueError(f"out must be a {q.dtype} tensor of shape {(b, s_q, h_q, HEAD_DIM_V)}")
         if out.device != q.device:
             raise ValueError(f"out is on {out.device} but q is on {q.device}")
@@ -179,7 +197,11 @@ def flash_mla_with_kvcache(
     if lse is None:
         lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     else:
-        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (b, h_q, s_q):
+        if (
+            not isinstance(lse, torch.Tensor)
+            or lse.dtype != torch.float32
+            or tuple(lse.shape) != (b, h_q, s_q)
+        ):
             raise ValueError(f"lse must be a float32 tensor of shape {(b, h_q, s_q)}")
         if lse.device != q.device:
             raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
@@ -196,14 +218,37 @@ def flash_mla_with_kvcache(
         stream = torch.cuda.current_stream().cuda_stream
     _C.mla_decode(
         device,
-        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[0],
-        block_table.data_ptr(), block_table.stride(0),
-        cache_seqlens.data_ptr(), tile_scheduler_metadata.data_ptr(), num_splits.data_ptr(), num_parts,
-        out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), lse.data_ptr(),
-        o_accum.data_ptr(), lse_accum.data_ptr(),
-        b, s_q, h_q, h_kv, scale, bool(causal), os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
-        _SCHEDULES[os.environ.get("MLASERVE_MLA_KERNEL", "solo").lower()], stream,
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        k_cache.shape[0],
+        block_table.data_ptr(),
+        block_table.stride(0),
+        cache_seqlens.data_ptr(),
+        tile_scheduler_metadata.data_ptr(),
+        num_splits.data_ptr(),
+        num_parts,
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        lse.data_ptr(),
+        o_accum.data_ptr(),
+        lse_accum.data_ptr(),
+        b,
+        s_q,
+        h_q,
+        h_kv,
+        scale,
+        bool(causal),
+        os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
+        _SCHEDULES[os.environ.get("MLASERVE_MLA_KERNEL", "solo").lower()],
+        stream,
     )
     return out, lse
 
