@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -391,6 +392,11 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} {torch.cuda.get_device_name(device)}"
-    return str(device)
+    """e.g. "cuda:0 (GPU 3) NVIDIA H200": the physical GPU from CUDA_VISIBLE_DEVICES, which Ray sets
+    per actor, so workers that each see their own GPU as cuda:0 stay distinguishable."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = f" (GPU {visible[index]})" if index < len(visible) else ""
+    return f"cuda:{index}{physical} {torch.cuda.get_device_name(index)}"

@@ -18,9 +18,11 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -106,12 +108,14 @@ class FakeGpuCluster:
         env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         env.pop("RAY_ADDRESS", None)
         port = self.address.rsplit(":", 1)[1]
-        cmd = ["ray", "start", "--head", f"--port={port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
-               f"--autoscaling-config={config_path}", "--include-dashboard=false", f"--temp-dir={self.dir}",
-               "--block"]  # fmt: skip
-        log = open(os.path.join(self.dir, "head.log"), "wb")  # noqa: SIM115 - closed with the process
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+            f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={config_path}",
+            "--include-dashboard=false", f"--temp-dir={self.dir}", "--block",
+        ]  # fmt: skip
+        self._log = open(os.path.join(self.dir, "head.log"), "wb")  # noqa: SIM115 - closed in shutdown()
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def connect(self, timeout: float = 120.0) -> None:
@@ -143,6 +147,8 @@ class FakeGpuCluster:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         reap(self.spawned, timeout=15)  # e.g. fake nodes that left the process group
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)

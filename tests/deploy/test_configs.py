@@ -183,6 +183,8 @@ def test_scripts_parse_and_are_executable(script: Path):
 
 
 def _fake_mlaserve(bin_dir: Path, record: Path) -> None:
+    """`mlaserve` that records its arguments and pid; `serve` then lives FAKE_SERVE_SECONDS and exits
+    with FAKE_SERVE_STATUS; `status` exits at once with FAKE_STATUS_STATUS."""
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "mlaserve"
     fake.write_text(
@@ -191,32 +193,58 @@ def _fake_mlaserve(bin_dir: Path, record: Path) -> None:
             #!{sys.executable}
             import json, os, sys, time
             with open({str(record)!r}, "a") as f:
-                f.write(json.dumps(sys.argv[1:]) + "\\n")
+                f.write(json.dumps({{"argv": sys.argv[1:], "pid": os.getpid()}}) + "\\n")
             if sys.argv[1] == "serve":
+                print("fake serve starting", flush=True)
                 time.sleep(float(os.environ.get("FAKE_SERVE_SECONDS", "0")))
+                if os.environ.get("FAKE_SERVE_STATUS", "0") != "0":
+                    print("model not found", file=sys.stderr, flush=True)
+                sys.exit(int(os.environ.get("FAKE_SERVE_STATUS", "0")))
+            sys.exit(int(os.environ.get("FAKE_STATUS_STATUS", "0")))
             """
         )
     )
     fake.chmod(0o755)
 
 
-def _run_gateway_script(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[list[str]]:
+def _gateway_script(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
     record = tmp_path / "calls.jsonl"
     _fake_mlaserve(tmp_path / "bin", record)
-    full_env = {
-        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-        "HOME": str(tmp_path),
-        **(env or {}),
-    }
-    subprocess.run(["bash", str(DEPLOY / "start-gateway.sh"), *args], env=full_env, check=True, timeout=60)
-    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    full_env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), **(env or {})}
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "start-gateway.sh"), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    calls = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    return done, calls
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if _running(p)]
 
 
 def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
     (tmp_path / "mlaserve.env").write_text("MLASERVE_MODEL=/mnt/models/from-env-file\nMLASERVE_PORT=6000\n")
-    calls = _run_gateway_script(tmp_path, "--foreground", env={"MLASERVE_PORT": "7000"})
-    assert len(calls) == 1 and calls[0][0] == "serve", calls
-    argv = calls[0][1:]
+    done, calls = _gateway_script(tmp_path, "--foreground", env={"MLASERVE_PORT": "7000"})
+    assert done.returncode == 0, done.stderr
+    assert len(calls) == 1 and calls[0]["argv"][0] == "serve", calls
+    argv = calls[0]["argv"][1:]
     # The environment beats ~/mlaserve.env, which beats the defaults.
     assert argv[argv.index("--port") + 1] == "7000"
     assert argv[argv.index("--model") + 1] == "/mnt/models/from-env-file"
@@ -239,34 +267,45 @@ def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
 
 def test_start_gateway_detaches_waits_until_status_answers_and_stops(tmp_path: Path):
     env = {"MLASERVE_GATEWAY_WAIT_S": "30", "FAKE_SERVE_SECONDS": "120"}
-    calls = _run_gateway_script(tmp_path, env=env)
-    by_command = {c[0]: c for c in calls}
+    done, calls = _gateway_script(tmp_path, env=env)
+    assert done.returncode == 0 and "gateway ready on port 50051" in done.stdout, (done.stdout, done.stderr)
+    by_command = {c["argv"][0]: c for c in calls}
     assert sorted(by_command) == ["serve", "status"] and len(calls) == 2, calls
-    assert by_command["status"][1:] == ["--server", "localhost:50051"]
-    pid = int((tmp_path / ".mlaserve-gateway.pid").read_text())
-    os.kill(pid, 0)  # the detached gateway is still running
-    _run_gateway_script(tmp_path, "--stop", env=env)
+    assert by_command["status"]["argv"][1:] == ["--server", "localhost:50051"]
+    supervisor = int((tmp_path / ".mlaserve-gateway.pid").read_text())
+    serve = by_command["serve"]["pid"]
+    assert _running(supervisor) and _running(serve)
+
+    done, _ = _gateway_script(tmp_path, "--stop", env=env)
+    assert done.returncode == 0, done.stderr
     assert not (tmp_path / ".mlaserve-gateway.pid").exists()
-    for _ in range(100):  # reaped by init once it exits
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the gateway (pid {pid}) survived --stop")
+    assert not _wait_gone([supervisor, serve]), "the gateway survived --stop"
 
 
-def test_start_gateway_reports_a_gateway_that_dies(tmp_path: Path):
+def test_start_gateway_restarts_serve_after_a_failure_when_detached(tmp_path: Path):
+    """ray up starts it with --no-wait: a start that fails (no GPU node yet) is retried."""
+    env = {"FAKE_SERVE_SECONDS": "0", "FAKE_SERVE_STATUS": "3", "MLASERVE_GATEWAY_RESTART_DELAY_S": "0.2"}
+    done, _ = _gateway_script(tmp_path, "--no-wait", env=env)
+    assert done.returncode == 0, done.stderr
     record = tmp_path / "calls.jsonl"
-    _fake_mlaserve(tmp_path / "bin", record)
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path)}
-    (tmp_path / "bin" / "mlaserve").write_text("#!/bin/sh\necho 'model not found' >&2\nexit 3\n")
-    done = subprocess.run(
-        ["bash", str(DEPLOY / "start-gateway.sh")], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 1
-    assert "model not found" in done.stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not record.exists() or len(record.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    serves = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(serves) >= 3 and {c["argv"][0] for c in serves} == {"serve"}, "serve was not restarted"
+    assert "serve exited with status 3" in (tmp_path / "mlaserve-gateway.log").read_text()
+    supervisor = int((tmp_path / ".mlaserve-gateway.pid").read_text())
+    _gateway_script(tmp_path, "--stop", env=env)
+    assert not _wait_gone([supervisor])
+
+
+def test_start_gateway_reports_a_gateway_that_fails_to_start(tmp_path: Path):
+    env = {"FAKE_SERVE_SECONDS": "0.5", "FAKE_SERVE_STATUS": "3", "MLASERVE_GATEWAY_WAIT_S": "30"}
+    done, calls = _gateway_script(tmp_path, env={**env, "FAKE_STATUS_STATUS": "14"})  # never answers
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "model not found" in done.stderr and "failed to start" in done.stderr
+    assert not (tmp_path / ".mlaserve-gateway.pid").exists(), "the supervisor was left running"
+    assert not _wait_gone([c["pid"] for c in calls])
 
 
 # --- setup-node.sh: which nvcc it builds the sm_90a kernel with --------------------------------
