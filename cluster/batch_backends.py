@@ -86,6 +86,7 @@ async def grpc_backend(
     """Requests through the gateway at HOST:PORT; `timeout` is each request's deadline in seconds,
     `token` the gateway's bearer token if it requires one."""
     import grpc
+
     from mlaserve.cluster.client import DecoderClient
 
     async with DecoderClient(server, timeout=timeout, token=token) as client:

@@ -11,17 +11,25 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("mlaserve.cluster.commands.generate", "generate text: offline engine, or a gRPC client with --server"),
+    "generate": (
+        "mlaserve.cluster.commands.generate",
+        "generate text: offline engine, or a gRPC client with --server",
+    ),
     "serve": ("mlaserve.cluster.commands.serve", "start the Ray workers and the gRPC gateway"),
     "status": ("mlaserve.cluster.commands.status", "print the cluster's workers and cache occupancy"),
-    "demo": ("mlaserve.cluster.commands.demo", "start a local cluster on the tiny model, ask it, print the answer"),
+    "demo": (
+        "mlaserve.cluster.commands.demo",
+        "start a local cluster on the tiny model, ask it, print the answer",
+    ),
     "bench": ("mlaserve.cluster.commands.bench", "benchmarks (e.g. `mlaserve bench router`)"),
     "batch": ("mlaserve.cluster.commands.batch", "run a JSONL batch job against the cluster"),
 }
 
 
 def build_parser(commands: dict[str, tuple[str, str]] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlaserve", description="MLA decoding service for DeepSeek-V2/V3 models")
+    parser = argparse.ArgumentParser(
+        prog="mlaserve", description="MLA decoding service for DeepSeek-V2/V3 models"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in commands.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from mlaserve.cluster.service import (
     delta_from_proto,
     finish_reason_from_proto,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import grpc
+
 from mlaserve.cluster.client import DecoderClient
 from mlaserve.worker.types import FinishReason, SamplingParams
 

@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
 from mlaserve.worker.actor import WorkerActor, WorkerDraining, WorkerFailed
 from mlaserve.worker.errors import QueueFullError
 from mlaserve.worker.load import WorkerLoad
 from mlaserve.worker.page_allocator import prefix_page_hashes
 from mlaserve.worker.tokenizer import load_tokenizer
 from mlaserve.worker.types import FinishReason
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from .autoscaler import Autoscaler, WorkerSnapshot
 from .errors import Draining, InvalidRequest, QueueFull

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from mlaserve.cluster.metrics import GatewayMetrics
 from mlaserve.cluster.service import SERVICE_NAME, DecoderService, Pool, ServiceLimits, pool_counters
 from mlaserve.protos import decoder_pb2_grpc as pb_grpc

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+
 from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull
 from mlaserve.cluster.metrics import GatewayMetrics, PoolCounterSnapshot, worker_health
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest, WorkerStatus

@@ -8,7 +8,6 @@ import torch
 
 sys.path.insert(0, ".")
 from mlaserve.worker.kernels import reference, sm90  # noqa: E402
-
 from tests.kernels.test_sm90 import make_inputs  # noqa: E402
 
 

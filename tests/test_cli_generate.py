@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from mlaserve.cluster.cli import main
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.types import SamplingParams

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from mlaserve.cluster import cli
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 

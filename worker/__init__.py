@@ -21,4 +21,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mlaserve.worker' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "EngineConfig", "FinishReason", "RequestDelta", "RequestOutput", "SamplingParams", "Usage", "WorkerLoad"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "FinishReason",
+    "RequestDelta",
+    "RequestOutput",
+    "SamplingParams",
+    "Usage",
+    "WorkerLoad",
+]

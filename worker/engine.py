@@ -302,19 +302,21 @@ class Engine:
         `sampling` is one SamplingParams for all prompts or one per prompt (default: greedy, 16
         tokens). Must not be mixed with step()-driven requests of other callers.
         """
+        prompt_list: list[str | Sequence[int]]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)
+            prompt_list = [prompts]  # type: ignore[list-item]  # one prompt: a string or one token-id list
+        else:
+            prompt_list = list(prompts)  # type: ignore[arg-type]
         if sampling is None:
             sampling = SamplingParams(temperature=0.0)
-        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-        if len(params) != len(prompts):
-            raise RequestError("sampling", f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        params = [sampling] * len(prompt_list) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompt_list):
+            raise RequestError("sampling", f"{len(params)} SamplingParams for {len(prompt_list)} prompts")
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine: requests are in flight")
         base = uuid.uuid4().hex[:8]
-        ids = [f"gen-{base}-{i}" for i in range(len(prompts))]
-        for i, (request_id, prompt, p) in enumerate(zip(ids, prompts, params, strict=True)):
+        ids = [f"gen-{base}-{i}" for i in range(len(prompt_list))]
+        for i, (request_id, prompt, p) in enumerate(zip(ids, prompt_list, params, strict=True)):
             try:
                 self.add_request(request_id, prompt, p)
             except RequestError as e:

@@ -20,7 +20,9 @@ class WorkerLoad:
     draining: bool = False
     device: str = "cpu"  # e.g. "cuda:0 NVIDIA H200" or "cpu"
     page_size: int = 64
-    cached_page_hashes: frozenset[int] = field(default_factory=frozenset)  # full prompt pages held in the prefix cache
+    cached_page_hashes: frozenset[int] = field(
+        default_factory=frozenset
+    )  # full prompt pages held in the prefix cache
 
     @property
     def used_pages(self) -> int:

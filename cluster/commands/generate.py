@@ -153,6 +153,7 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
     import asyncio
 
     import grpc
+
     from mlaserve.cluster.client import DecoderClient
 
     async def ask() -> list[tuple[str, float, object]]:

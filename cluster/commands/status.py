@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _status(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
+
     from mlaserve.cluster.client import DecoderClient, format_status_table
 
     async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from mlaserve.cluster.errors import InvalidRequest
 from mlaserve.worker.errors import RequestError
 

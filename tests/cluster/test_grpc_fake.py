@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from mlaserve.cluster.client import DecoderClient
 from mlaserve.cluster.errors import Draining, InvalidRequest, QueueFull
 from mlaserve.cluster.server import GatewayServer, ServerConfig

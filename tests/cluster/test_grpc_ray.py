@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from mlaserve.cluster.client import DecoderClient, build_request
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 from mlaserve.cluster.service import SERVICE_NAME

@@ -10,6 +10,7 @@ import random
 import statistics
 
 import pytest
+
 from mlaserve.cluster import cli
 from mlaserve.cluster.loadgen import (
     TOKEN_ID_LIMIT,
@@ -25,7 +26,6 @@ from mlaserve.cluster.loadgen import (
     summarize,
 )
 from mlaserve.cluster.service import ServiceLimits
-
 from tests.cluster.test_grpc_fake import FakePool, _start, run
 
 

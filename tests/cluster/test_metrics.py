@@ -7,11 +7,12 @@ import random
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from mlaserve.cluster.metrics import ITL_BUCKETS, GatewayMetrics, PoolCounterSnapshot, worker_health
 from mlaserve.cluster.types import WorkerStatus
 from mlaserve.worker.load import WorkerLoad
 from mlaserve.worker.types import SamplingParams
-from prometheus_client.parser import text_string_to_metric_families
 
 from .test_grpc_fake import FakeCounters, FakePool, _start, run
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from mlaserve.cluster.autoscaler import Autoscaler, WorkerSnapshot
 from mlaserve.cluster.pool_config import AutoscaleConfig, PoolConfig
 from mlaserve.cluster.resume import ResumeState

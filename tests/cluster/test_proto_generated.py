@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+
 from mlaserve.protos import decoder_pb2, generate
 
 REGENERATE = "stale generated code: run `python -m mlaserve.protos.generate` and commit the result"

@@ -7,6 +7,7 @@ import random
 from dataclasses import replace
 
 import pytest
+
 from mlaserve.cluster import cli
 from mlaserve.cluster.router import POLICIES
 from mlaserve.cluster.simulation import (

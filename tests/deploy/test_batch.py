@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from mlaserve.cluster.batch import BatchConfig, run_batch
 from mlaserve.cluster.batch_records import (
     Completion,

@@ -20,8 +20,14 @@ class PagedCase:
 
 
 def make_paged_case(
-    seqlens: list[int], s_q: int, h_q: int, h_kv: int, dtype: torch.dtype, generator: torch.Generator,
-    device: str = "cpu", spare_pages: int = 3,
+    seqlens: list[int],
+    s_q: int,
+    h_q: int,
+    h_kv: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    device: str = "cpu",
+    spare_pages: int = 3,
 ) -> PagedCase:
     b = len(seqlens)
     pages_per_seq = [(n + PAGE - 1) // PAGE for n in seqlens]
@@ -45,6 +51,9 @@ def make_paged_case(
             k_cache[phys, : chunk.shape[0]] = chunk
     q = torch.randn(b, s_q, h_q, D_QK, generator=generator).to(dtype)
     return PagedCase(
-        q=q.to(device), k_cache=k_cache.to(device), block_table=block_table.to(device),
-        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), dense_keys=dense_keys,
+        q=q.to(device),
+        k_cache=k_cache.to(device),
+        block_table=block_table.to(device),
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
+        dense_keys=dense_keys,
     )

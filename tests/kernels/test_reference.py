@@ -14,9 +14,19 @@ from tests.kernels.paged_inputs import make_paged_case
 
 
 def run_reference(case, causal, scale=None):
-    meta, splits = reference.get_mla_metadata(case.cache_seqlens, case.q.shape[1] * case.q.shape[2], case.k_cache.shape[2])
+    meta, splits = reference.get_mla_metadata(
+        case.cache_seqlens, case.q.shape[1] * case.q.shape[2], case.k_cache.shape[2]
+    )
     return reference.flash_mla_with_kvcache(
-        case.q, case.k_cache, case.block_table, case.cache_seqlens, 512, meta, splits, softmax_scale=scale, causal=causal
+        case.q,
+        case.k_cache,
+        case.block_table,
+        case.cache_seqlens,
+        512,
+        meta,
+        splits,
+        softmax_scale=scale,
+        causal=causal,
     )
 
 
@@ -86,7 +96,13 @@ def test_metadata_shapes(seed):
 def test_bad_arguments_raise_naming_the_argument(seed, mutate, message):
     g = torch.Generator().manual_seed(seed)
     case = make_paged_case([10, 70], 1, 4, 2, torch.float32, g)
-    args = dict(q=case.q, k_cache=case.k_cache, block_table=case.block_table, cache_seqlens=case.cache_seqlens, head_dim_v=512)
+    args = dict(
+        q=case.q,
+        k_cache=case.k_cache,
+        block_table=case.block_table,
+        cache_seqlens=case.cache_seqlens,
+        head_dim_v=512,
+    )
     mutate(args)
     meta, splits = reference.get_mla_metadata(case.cache_seqlens, 4, 2)
     with pytest.raises((ValueError, TypeError), match=message):

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from mlaserve.worker.kernels import reference
 
 sm90 = pytest.importorskip("mlaserve.worker.kernels.sm90")

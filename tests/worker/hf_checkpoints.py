@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlaserve.worker.tokenizer import build_byte_tokenizer
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+from mlaserve.worker.tokenizer import build_byte_tokenizer
 
 VOCAB = 300
 BOS, EOS = 256, 257

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
 from mlaserve.worker.attention_metadata import AttentionMetadata
 from mlaserve.worker.kernels import get_mla_metadata
 

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+
 from mlaserve.worker import Engine, SamplingParams
 from mlaserve.worker.actor import WorkerActor, WorkerDraining, WorkerFailed
 from mlaserve.worker.errors import RequestError

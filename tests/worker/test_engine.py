@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+
 from mlaserve.worker.config import CacheConfig, EngineConfig, SchedulerConfig
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.errors import RequestError

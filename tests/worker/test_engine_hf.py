@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
+
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.types import FinishReason, SamplingParams
-
 from tests.worker.hf_checkpoints import EOS, write_v2_checkpoint, write_v3_checkpoint
 from tests.worker.test_engine import assert_same_greedy, one_torch_thread, record_logits
 

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from mlaserve.worker.model import PRESETS, ModelConfig
-from mlaserve.worker.model.rope import inverse_frequencies
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
 
+from mlaserve.worker.model import PRESETS, ModelConfig
+from mlaserve.worker.model.rope import inverse_frequencies
 from tests.worker.hf_checkpoints import hf_written, tiny_v2_config, tiny_v3_config
 
 # config.json as DeepSeek ships DeepSeek-V2-Lite and DeepSeek-V3 (trimmed of auto_map).

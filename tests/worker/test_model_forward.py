@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mlaserve.worker.attention_metadata import AttentionMetadata
 from mlaserve.worker.kernels import get_mla_metadata
 from mlaserve.worker.model import load_model
-
 from tests.worker.paged_harness import PagedCache, Sequence
 
 

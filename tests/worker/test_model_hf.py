@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-from mlaserve.worker.model import load_model
 
+from mlaserve.worker.model import load_model
 from tests.worker.hf_checkpoints import EOS, tiny_v2_config, tiny_v3_config, write_hf_checkpoint
 from tests.worker.paged_harness import PagedCache, Sequence
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mlaserve.worker.model import ModelConfig
-from mlaserve.worker.model.moe import Experts, Router
-from mlaserve.worker.model.rope import RotaryEmbedding
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf3
 
+from mlaserve.worker.model import ModelConfig
+from mlaserve.worker.model.moe import Experts, Router
+from mlaserve.worker.model.rope import RotaryEmbedding
 from tests.worker.hf_checkpoints import hf_written, tiny_v2_config, tiny_v3_config
 
 YARN = {

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from mlaserve.worker.model import PRESETS, load_model
 from safetensors.torch import load_file, save_file
 
+from mlaserve.worker.model import PRESETS, load_model
 from tests.worker.hf_checkpoints import EOS, write_v2_checkpoint, write_v3_checkpoint
 from tests.worker.paged_harness import PagedCache, Sequence
 

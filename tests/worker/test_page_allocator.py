@@ -12,6 +12,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from mlaserve.worker.page_allocator import OutOfPages, PageAllocator, extend_page_hashes, prefix_page_hashes
 
 NUM_PAGES = 6

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from mlaserve.worker.detokenizer import IncrementalDetokenizer
 from mlaserve.worker.sampler import NonFiniteLogitsError, Sampler, token_stop_reason
 from mlaserve.worker.types import FinishReason, SamplingParams

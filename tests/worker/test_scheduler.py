@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+
 from mlaserve.worker.config import SchedulerConfig
 from mlaserve.worker.errors import QueueFullError, RequestError
 from mlaserve.worker.page_allocator import PageAllocator, prefix_page_hashes

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from mlaserve.worker.tokenizer import build_byte_tokenizer, load_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from mlaserve.worker.tokenizer import build_byte_tokenizer, load_tokenizer
 
 
 def random_text(rng: random.Random, n: int) -> str:

@@ -64,8 +64,15 @@ def flash_mla_with_kvcache(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the paged latent cache: (out [b, s_q, h_q, 512], lse [b, h_q, s_q] fp32)."""
     return _impl(q).flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-        softmax_scale=softmax_scale, causal=causal,
+        q,
+        k_cache,
+        block_table,
+        cache_seqlens,
+        head_dim_v,
+        tile_scheduler_metadata,
+        num_splits,
+        softmax_scale=softmax_scale,
+        causal=causal,
     )
 
 

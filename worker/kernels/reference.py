@@ -45,7 +45,9 @@ def gather_sequence(
     """The first `seqlen` latent tokens of one sequence, in logical order."""
     num_pages = (seqlen + PAGE_SIZE - 1) // PAGE_SIZE
     if num_pages > page_ids.shape[0]:
-        raise ValueError(f"sequence of {seqlen} tokens needs {num_pages} pages, block_table has {page_ids.shape[0]}")
+        raise ValueError(
+            f"sequence of {seqlen} tokens needs {num_pages} pages, block_table has {page_ids.shape[0]}"
+        )
     ids = page_ids[:num_pages].long()
     if num_pages and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
         raise ValueError(f"block_table holds a page id outside [0, {k_cache.shape[0]})")
@@ -69,7 +71,9 @@ def flash_mla_with_kvcache(
     With causal and s_q > 1, query token i of a sequence of length L sees keys < L - s_q + i + 1.
     A query row that sees no key gets out = 0 and lse = +inf.
     """
-    check_attention_args(q, k_cache, block_table, cache_seqlens, head_dim_v, (torch.bfloat16, torch.float16, torch.float32))
+    check_attention_args(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, (torch.bfloat16, torch.float16, torch.float32)
+    )
     b, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
     group = h_q // h_kv

@@ -35,7 +35,12 @@ def check_attention_args(
     allowed_dtypes: tuple[torch.dtype, ...],
 ) -> None:
     """Checks shapes, dtypes and devices of flash_mla_with_kvcache's arguments."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+    for name, t in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
