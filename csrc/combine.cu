@@ -9,6 +9,7 @@
 
 #include "api.h"
 #include "config.h"
+#include "primitives.cuh"
 #include "traits.h"
 
 namespace mla {
@@ -18,7 +19,7 @@ constexpr int kCombineWarps = 8;
 
 __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const __grid_constant__ CombineParams p) {
   // Launched with programmatic dependent launch: wait until the main kernel's writes are visible.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  cutlass::arch::wait_on_dependent_grids();
   const int req = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_id = blockIdx.x * kCombineWarps + warp;  // over (h_kv, rows)

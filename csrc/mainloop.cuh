@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "config.h"
-#include "ptx.h"
+#include "primitives.cuh"
 #include "tile_scheduler.h"
 #include "traits.h"
 
@@ -35,14 +35,14 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
         if (lane == 0) {
           const int stage = it % kNumStages;
           const uint32_t parity = ((it / kNumStages) & 1) ^ 1;
-          const uint32_t full = smem_u32(&s.full_bar[stage]);
-          mbar_wait(smem_u32(&s.empty_bar[stage]), parity);
-          mbar_arrive_expect_tx(full, kStageBytes);
-          const uint32_t dst = smem_u32(s.kv[stage]);
+          wait_barrier(&s.empty_bar[stage], parity);
+          FullBarrier::arrive_and_expect_tx(&s.full_bar[stage], kStageBytes);
 #pragma unroll
           for (int c = 0; c < kNumChunksQK; ++c) {
             // box (64 cols, 64 tokens, 1 head, 1 page) at (64c, 0, head_kv, page)
-            tma_load_4d(dst + c * kChunkBytes, tmap, full, c * kChunkCols, 0, head_kv, page);
+            cute::SM90_TMA_LOAD_4D::copy(tmap, &s.full_bar[stage],
+                                         static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                         s.kv[stage] + c * kChunkBytes, c * kChunkCols, 0, head_kv, page);
           }
         }
         __syncwarp();
@@ -53,14 +53,13 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
 
 // Both consumer warpgroups (256 threads, ct = 0..255) copy the 64 query rows of (req, m_block,
 // head_kv) into s.q, swizzled, with cp.async (no staging registers); rows past the last query row are
-// zero-filled. The caller waits (cp_async_wait_all), fences to the async proxy and syncs.
+// zero-filled. The caller waits (cp_async_wait), fences to the async proxy and syncs.
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int req, int m_block,
                                             int head_kv, int ct) {
   constexpr int kUnitsPerRow = kHeadDimQK / 8;  // 72 units of 16 bytes
   constexpr int kUnits = kBlockM * kUnitsPerRow;
   constexpr int kPerThread = kUnits / (kNumConsumerWG * 128);  // 18
   static_assert(kUnits % (kNumConsumerWG * 128) == 0, "Q tile must split evenly");
-  const uint32_t q_smem = smem_u32(s.q);
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int idx = ct + k * kNumConsumerWG * 128;
@@ -70,69 +69,83 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
     const int sq = valid ? rg / p.group : 0, g = valid ? rg % p.group : 0;
     const uint16_t* src = p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
                           static_cast<int64_t>(head_kv * p.group + g) * p.q_stride_h + u * 8;
-    const int c = u / 8, uc = u % 8;
-    cp_async_16(q_smem + c * kChunkBytes + r * 128 + ((uc ^ (r & 7)) << 4), src, valid ? 16 : 0);
+    // destination = &sQ(r, 8u) of smem_tensor(s.q, SmemLayoutQK{}), written out by hand: the same
+    // address (checked for every (r, u)), but CuTe's swizzled-pointer arithmetic costs ~200 more SASS
+    // instructions per kernel here (and a 4-byte spill in the split-S kernel when used in store_p too).
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(src),
+        *reinterpret_cast<cute::uint128_t*>(s.q + (u / 8) * kChunkBytes + r * 128 + (((u % 8) ^ (r & 7)) << 4)), valid);
   }
+}
+
+// Descriptor steps of the K loop (start-address offsets are unswizzled: the hardware applies the
+// swizzle): k-th 16-column slice of a K-major tile, k-th 16-key slice of V^T.
+__device__ __forceinline__ uint32_t qk_step(int k) {
+  return desc_step(cute::get_nonswizzle_portion(SmemLayoutQK{})(0, 16 * k));
+}
+__device__ __forceinline__ uint32_t vt_step(int k) {
+  return desc_step(cute::get_nonswizzle_portion(SmemLayoutVt{})(0, 16 * k));
 }
 
 // S(64 x 32) = Q(64 x 576) . K[32w .. 32w+31, :]^T for consumer warpgroup w. Waits for completion.
 __device__ __forceinline__ void qk_half(float (&sacc)[16], const SharedStorage& s, int stage, int w) {
-  const uint64_t dq = make_desc_sw128(smem_u32(s.q), 16, 1024);
-  const uint64_t dk = make_desc_sw128(smem_u32(s.kv[stage]) + w * 32 * 128, 16, 1024);
-  wgmma_fence();
+  using namespace cute;
+  const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
+      local_tile(smem_tensor(s.q, SmemLayoutQK{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+  const GMMA::DescriptorIterator dk{GMMA::make_gmma_desc<GMMA::Major::K>(
+      local_tile(smem_tensor(s.kv[stage], SmemLayoutQK{}), Shape<Int<32>, _16>{}, make_coord(w, 0)))};
+  warpgroup_arrive();
 #pragma unroll
-  for (int c = 0; c < kNumChunksQK; ++c) {
-#pragma unroll
-    for (int kk = 0; kk < kChunkCols / 16; ++kk) {
-      // advancing a descriptor = adding (byte offset >> 4) to its start-address field
-      const uint32_t off = (c * kChunkBytes + kk * 32) >> 4;
-      wgmma_m64n32k16_ss(sacc, dq + off, dk + off, (c | kk) != 0);
-    }
+  for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    gmma<MmaQK32>(sacc, dq[qk_step(k)], dk[qk_step(k)], k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One);
   }
-  wgmma_commit();
-  wgmma_wait<0>();
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
   fence_regs(sacc);
 }
 
 // S(64 x 64) = Q(64 x 576) . K^T for the whole page (solo-S schedule). Issues and commits one wgmma
-// group; the caller waits (wgmma_wait) and then fence_regs(sacc).
+// group; the caller waits (warpgroup_wait) and then fence_regs(sacc).
 __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], const SharedStorage& s, int stage) {
-  const uint64_t dq = make_desc_sw128(smem_u32(s.q), 16, 1024);
-  const uint64_t dk = make_desc_sw128(smem_u32(s.kv[stage]), 16, 1024);
-  wgmma_fence();
+  using namespace cute;
+  const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
+      local_tile(smem_tensor(s.q, SmemLayoutQK{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+  const GMMA::DescriptorIterator dk{GMMA::make_gmma_desc<GMMA::Major::K>(
+      local_tile(smem_tensor(s.kv[stage], SmemLayoutQK{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
+  warpgroup_arrive();
 #pragma unroll
-  for (int c = 0; c < kNumChunksQK; ++c) {
-#pragma unroll
-    for (int kk = 0; kk < kChunkCols / 16; ++kk) {
-      const uint32_t off = (c * kChunkBytes + kk * 32) >> 4;
-      wgmma_m64n64k16_ss(sacc, dq + off, dk + off, (c | kk) != 0);
-    }
+  for (int k = 0; k < kHeadDimQK / 16; ++k) {
+    gmma<MmaQK64>(sacc, dq[qk_step(k)], dk[qk_step(k)], k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One);
   }
-  wgmma_commit();
+  warpgroup_commit_batch();
 }
 
 // O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w. Issues and commits one
 // wgmma group; pv_half also waits for it.
 __device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s, int stage, int w) {
-  const uint64_t dp = make_desc_sw128(smem_u32(s.p), 16, 1024);
-  // V is MN-major: 64-column chunks kChunkBytes apart (LBO), 8-key groups 1024 B apart (SBO)
-  const uint64_t dv = make_desc_sw128(smem_u32(s.kv[stage]) + (w * 4) * kChunkBytes, kChunkBytes, 1024);
+  using namespace cute;
+  const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
+      local_tile(smem_tensor(s.p, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+  // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
+  const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
+      local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
   fence_regs(o);
-  wgmma_fence();
+  warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < kBlockN / 16; ++k) {
-    wgmma_m64n256k16_ss_tb(o, dp + ((k * 32) >> 4), dv + ((k * 16 * 128) >> 4));
+    gmma<MmaPV>(o, dp[qk_step(k)], dv[vt_step(k)]);
   }
-  wgmma_commit();
+  warpgroup_commit_batch();
 }
 
 __device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
   pv_issue(o, s, stage, w);
-  wgmma_wait<0>();
+  cute::warpgroup_wait<0>();
   fence_regs(o);
 }
 
 // Writes this thread's probabilities (bf16) into s.p: rows a/b, columns col0 + 8j + 2(lane%4) + e.
+// Addresses = &sP(row, col) of smem_tensor(s.p, SmemLayoutP{}), by hand for the reason in load_q_tile.
 template <int N>
 __device__ __forceinline__ void store_p(SharedStorage& s, const float (&pr)[N], int col0, int row_a, int lane) {
   const int row_b = row_a + 8;
@@ -148,7 +161,8 @@ __device__ __forceinline__ void store_p(SharedStorage& s, const float (&pr)[N], 
 
 // Zeroes rows [first_row, 64) of this warpgroup's V columns (256w .. 256w+255) of a stage, so
 // that whatever lies in the unused slots of a request's last page (NaN included) meets P = 0 as
-// an exact 0. t = thread index in the warpgroup.
+// an exact 0. t = thread index in the warpgroup. (Zero is zero under any swizzle: the loop walks the
+// 16-byte units of those rows in memory order.)
 __device__ __forceinline__ void zero_v_tail(SharedStorage& s, int stage, int w, int first_row, int t) {
   const int units = (kBlockN - first_row) * 32;  // 4 chunks x 8 units of 16 B per row
   uint8_t* base = s.kv[stage];

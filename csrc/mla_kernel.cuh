@@ -22,7 +22,7 @@
 #include "config.h"
 #include "epilogue.cuh"
 #include "mainloop.cuh"
-#include "ptx.h"
+#include "primitives.cuh"
 #include "softmax.cuh"
 #include "tile_scheduler.h"
 #include "traits.h"
@@ -30,13 +30,6 @@
 namespace mla {
 
 enum Schedule : int { kSplitS = 0, kSoloS = 1 };
-
-// Named barrier ids (0 is __syncthreads).
-constexpr int kBarQ = 1;       // both consumer WGs: Q tile free / written
-constexpr int kBarMax = 2;     // both consumer WGs: row maxima / final row sums exchanged
-constexpr int kBarP = 3;       // both consumer WGs: P tile (and rescale factors) written
-constexpr int kBarPFree = 4;   // solo-S: consumer 1 done reading P (consumer 0 may overwrite it)
-constexpr int kConsumerThreads = kNumConsumerWG * 128;
 
 struct ConsumerCtx {
   int w, ct, t, lane, row_a, rg_a, rg_b, m_block, head_kv;
@@ -54,11 +47,11 @@ __device__ __forceinline__ void row_limits(const DecodeParams& p, const Consumer
 
 __device__ __forceinline__ void begin_request(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
                                               int req, float (&o)[128]) {
-  named_barrier_sync(kBarQ, kConsumerThreads);  // the previous request's S = Q K^T are done
+  consumer_sync(kBarQ);  // the previous request's S = Q K^T are done
   load_q_tile(p, s, req, c.m_block, c.head_kv, c.ct);
-  cp_async_wait_all();
-  fence_proxy_async();
-  named_barrier_sync(kBarQ, kConsumerThreads);
+  cute::cp_async_wait<0>();
+  cutlass::arch::fence_view_async_shared();
+  consumer_sync(kBarQ);
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
 }
@@ -95,7 +88,7 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
 
     for (int pg = lo; pg < hi; ++pg, ++it) {
       const int stage = it % kNumStages;
-      mbar_wait(smem_u32(&s.full_bar[stage]), (it / kNumStages) & 1);
+      wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
       qk_half(sacc, s, stage, c.w);
       if (pg * kPageSize + kPageSize > limit_min) {
         mask_scores(sacc, pg * kPageSize + 32 * c.w + 2 * (c.lane & 3), limit_a, limit_b);
@@ -106,18 +99,18 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
         s.row_max[c.w][c.row_a] = mx_a;
         s.row_max[c.w][c.row_a + 8] = mx_b;
       }
-      named_barrier_sync(kBarMax, kConsumerThreads);
+      consumer_sync(kBarMax);
       mx_a = fmaxf(mx_a, s.row_max[1 - c.w][c.row_a]);
       mx_b = fmaxf(mx_b, s.row_max[1 - c.w][c.row_a + 8]);
       float alpha_a, alpha_b;
       softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
       store_p(s, sacc, 32 * c.w, c.row_a, c.lane);
       if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
-      fence_proxy_async();
-      named_barrier_sync(kBarP, kConsumerThreads);
+      cutlass::arch::fence_view_async_shared();
+      consumer_sync(kBarP);
       rescale_rows(o, alpha_a, alpha_b);
       pv_half(o, s, stage, c.w);
-      mbar_arrive(smem_u32(&s.empty_bar[stage]));
+      EmptyBarrier::arrive(&s.empty_bar[stage]);
     }
 
     // Row sums over all 64 keys: this thread's columns -> quad -> both warpgroups.
@@ -126,7 +119,7 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
       s.row_sum[c.w][c.row_a] = l_a;
       s.row_sum[c.w][c.row_a + 8] = l_b;
     }
-    named_barrier_sync(kBarMax, kConsumerThreads);
+    consumer_sync(kBarMax);
     const float lt_a = l_a + s.row_sum[1 - c.w][c.row_a];
     const float lt_b = l_b + s.row_sum[1 - c.w][c.row_a + 8];
     end_request(p, c, part, req, o, st.m[0], st.m[1], lt_a, lt_b);
@@ -146,7 +139,7 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
     if (part_pages(part, req, p.seqlens[req], lo, hi)) total_pages += hi - lo;
   }
   if (total_pages == 0) return;
-  if (c.w == 1) named_barrier_arrive(kBarPFree, kConsumerThreads);  // P starts free
+  if (c.w == 1) consumer_arrive(kBarPFree);  // P starts free
 
   int it = 0;
   for (int req = part.first_req; req <= part.last_req; ++req) {
@@ -166,9 +159,9 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
       st.l[0] = st.l[1] = 0.f;
       for (int pg = lo; pg < hi; ++pg, ++it) {
         const int stage = it % kNumStages;
-        mbar_wait(smem_u32(&s.full_bar[stage]), (it / kNumStages) & 1);
+        wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
         qk_full_issue(sacc, s, stage);
-        wgmma_wait<0>();
+        cute::warpgroup_wait<0>();
         fence_regs(sacc);
         if (pg * kPageSize + kPageSize > limit_min) {
           mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), limit_a, limit_b);
@@ -177,20 +170,20 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
         row_max_local(sacc, mx_a, mx_b);
         float alpha_a, alpha_b;
         softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
-        named_barrier_sync(kBarPFree, kConsumerThreads);  // consumer 1 is done with the previous P
+        consumer_sync(kBarPFree);  // consumer 1 is done with the previous P
         store_p(s, sacc, 0, c.row_a, c.lane);
         if ((c.lane & 3) == 0) {
           s.row_max[0][c.row_a] = alpha_a;
           s.row_max[0][c.row_a + 8] = alpha_b;
         }
         if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, 0, len - pg * kPageSize, c.t);
-        fence_proxy_async();
-        named_barrier_sync(kBarP, kConsumerThreads);
+        cutlass::arch::fence_view_async_shared();
+        consumer_sync(kBarP);
         rescale_rows(o, alpha_a, alpha_b);
         // (Measured, run 4: queueing the next page's S behind this P V before waiting for it was
         // slower on every row; see NOTES.md. Wait, release the stage, then load the next S.)
         pv_half(o, s, stage, 0);
-        mbar_arrive(smem_u32(&s.empty_bar[stage]));
+        EmptyBarrier::arrive(&s.empty_bar[stage]);
       }
       l_a = quad_sum(st.l[0]);
       l_b = quad_sum(st.l[1]);
@@ -202,24 +195,24 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
         s.row_sum[1][c.row_a] = m_a;
         s.row_sum[1][c.row_a + 8] = m_b;
       }
-      named_barrier_sync(kBarMax, kConsumerThreads);
+      consumer_sync(kBarMax);
     } else {
       for (int pg = lo; pg < hi; ++pg, ++it) {
         const int stage = it % kNumStages;
-        mbar_wait(smem_u32(&s.full_bar[stage]), (it / kNumStages) & 1);
+        wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
         if (pg * kPageSize + kPageSize > len) {
           zero_v_tail(s, stage, 1, len - pg * kPageSize, c.t);
-          fence_proxy_async();
+          cutlass::arch::fence_view_async_shared();
         }
-        named_barrier_sync(kBarP, kConsumerThreads);  // P and the rescale factors are written
+        consumer_sync(kBarP);  // P and the rescale factors are written
         const float alpha_a = s.row_max[0][c.row_a];
         const float alpha_b = s.row_max[0][c.row_a + 8];
         rescale_rows(o, alpha_a, alpha_b);
         pv_half(o, s, stage, 1);
-        mbar_arrive(smem_u32(&s.empty_bar[stage]));
-        if (it + 1 < total_pages) named_barrier_arrive(kBarPFree, kConsumerThreads);
+        EmptyBarrier::arrive(&s.empty_bar[stage]);
+        if (it + 1 < total_pages) consumer_arrive(kBarPFree);
       }
-      named_barrier_sync(kBarMax, kConsumerThreads);
+      consumer_sync(kBarMax);
       l_a = s.row_sum[0][c.row_a];
       l_b = s.row_sum[0][c.row_a + 8];
       m_a = s.row_sum[1][c.row_a];
@@ -239,23 +232,23 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < kNumStages; ++i) {
-      mbar_init(smem_u32(&s.full_bar[i]), 1);
-      mbar_init(smem_u32(&s.empty_bar[i]), kConsumerThreads);
+      FullBarrier::init(&s.full_bar[i], 1);
+      EmptyBarrier::init(&s.empty_bar[i], kConsumerThreads);
     }
-    fence_barrier_init();
-    prefetch_tma_descriptor(&tmap);
+    cutlass::arch::fence_barrier_init();
+    cute::prefetch_tma_descriptor(&tmap);
   }
   __syncthreads();
   // Let the combine kernel launch now; it waits (griddepcontrol.wait) for this grid's writes.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  cutlass::arch::launch_dependent_grids();
   const PartInfo part = load_part(p.tile_metadata, part_idx);
 
   if (threadIdx.x >= kConsumerThreads) {  // warpgroup 2: the producer (its first warp issues)
-    reg_dealloc<kProducerRegs>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     if (threadIdx.x < kConsumerThreads + 32) produce_pages(&tmap, p, part, s, head_kv);
     return;
   }
-  reg_alloc<kConsumerRegs>();
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
 
   ConsumerCtx c;
   c.w = threadIdx.x / 128;
