@@ -32,7 +32,12 @@ class IncrementalDetokenizer:
         self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()
     ) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        if tokenizer.decode(context).endswith(_INCOMPLETE):
+            # The prompt ends inside a character: as context, its bytes would merge with the
+            # first output bytes and show up in the output text. Decode the output on its own.
+            context = []
+        self._ids: list[int] = context
         self._prefix_offset = 0  # start of the decoding context in _ids
         self._read_offset = len(self._ids)  # first token whose text is not in `text` yet
         self._stop = tuple(stop)

@@ -144,3 +144,20 @@ def test_detokenizer_deltas_and_stop_strings(seed: int, stops) -> None:
         cut = min((j for j in (text.find(s) for s in stops) if j >= 0), default=len(text))
         assert "".join(deltas) == detok.text == text[:cut]
         assert stopped == (cut < len(text))
+
+
+def test_detokenizer_keeps_a_prompt_that_ends_mid_character_out_of_the_output(seed: int) -> None:
+    """A prompt ending inside a UTF-8 character never lends its bytes (or the text before them) to
+    the output: the output text is its own bytes' decoding."""
+    rng = random.Random(seed)
+    tok = ByteTokenizer()
+    for _ in range(20):
+        prompt = tok.encode("".join(rng.choice("ab4@ ") for _ in range(rng.randrange(0, 8))))
+        prompt += list("€🙂".encode())[: rng.choice([1, 2, 3, 5, 6])]  # cut inside a character
+        output = [
+            rng.randrange(128, 256) if rng.random() < 0.5 else rng.randrange(32, 127) for _ in range(12)
+        ]
+        detok = IncrementalDetokenizer(tok, prompt)
+        for i in range(0, len(output), 3):
+            detok.add(output[i : i + 3])
+        assert detok.take(final=True) == tok.decode(output)
