@@ -76,7 +76,10 @@ class EngineConfig:
 
     max_model_len: caps the model's context (None: the model's max_position_embeddings).
     seed: seeds the generators of sampled requests that carry no seed of their own.
-    prefill_group_equal_lengths: run prefills with the same number of new tokens as one batch.
+    prefill_group_equal_lengths: run prefills together in left-padded batches (False: one
+    forward per prefill).
+    prefill_max_padding: a prefill joins a batch while the batch's padding tokens stay within this
+    multiple of its real tokens (0: only prefills with the same number of new tokens share one).
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -84,10 +87,13 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     prefill_group_equal_lengths: bool = True
+    prefill_max_padding: float = 0.0
     throughput_window_s: float = 10.0  # tokens/s in load() is measured over this window
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 or None, got {self.max_model_len!r}")
+        if not self.prefill_max_padding >= 0:
+            raise ValueError(f"prefill_max_padding must be >= 0, got {self.prefill_max_padding!r}")
         if self.throughput_window_s <= 0:
             raise ValueError(f"throughput_window_s must be > 0, got {self.throughput_window_s!r}")

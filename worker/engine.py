@@ -91,6 +91,7 @@ class Engine:
             int(model_config.num_attention_heads),
             self.kv_cache,
             group_prefills=config.prefill_group_equal_lengths,
+            max_padding=config.prefill_max_padding,
         )
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id: int | None = (

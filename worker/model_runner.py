@@ -1,33 +1,142 @@
 """BatchPlan -> tensors -> model -> last-token logits -> sampler.
 
-Decodes (one new token each) run as one forward with s_q = 1. Prefills run one forward per group
-of sequences with the same number of new tokens (b = group size, s_q = that number), or one per
-sequence. Each forward builds its AttentionMetadata once (block_table, cache_seqlens including
+Decodes (one new token each) run as one forward with s_q = 1. Prefills are packed into as few
+forwards as the padding allowance permits: sorted by their number of new tokens, longest first,
+each forward left-pads its sequences to its longest one (padding slots are -1: nothing is
+written; the model reads each sequence's last position, which left padding keeps real), as long
+as its padding stays within `max_padding` x its real tokens (0: only equal lengths share a
+forward). Each forward builds its AttentionMetadata once (block_table, cache_seqlens including
 this forward's tokens, slot_mapping of the new tokens, and the kernel's split plan from
 get_mla_metadata) and every layer shares it.
+
+Host -> device traffic: every integer input of a forward is built on the host as one int32 buffer
+and copied to the device in one transfer (pinned and asynchronous on CUDA), then viewed as the
+fields; nothing in the runner waits for the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .attention_metadata import AttentionMetadata
+from .config import PAGE_SIZE
 from .kernels import get_mla_metadata
-from .kv_cache import NUM_KV_HEADS, KVCache, block_table, slot_mapping
+from .kv_cache import NUM_KV_HEADS, KVCache
 from .sampler import Sampler, SamplingState
 from .scheduler import BatchPlan, ScheduledSeq
 
+PAD_TOKEN_ID = 0  # input id of left padding (any valid id: padding rows are never written or read)
+PAD_SLOT = -1  # slot_mapping of left padding: not written
+
+
+def pack_prefills(prefills: Sequence[ScheduledSeq], max_padding: float) -> list[list[ScheduledSeq]]:
+    """Groups prefills into forwards: longest first, each group padded to its first (longest)
+    sequence, a sequence joining the open group while padding <= max_padding x real tokens."""
+    groups: list[list[ScheduledSeq]] = []
+    real = 0
+    for s in sorted(prefills, key=lambda s: -s.num_new):  # stable: equal lengths keep plan order
+        if groups:
+            group = groups[-1]
+            padded = (len(group) + 1) * group[0].num_new
+            if padded - (real + s.num_new) <= max_padding * (real + s.num_new):
+                group.append(s)
+                real += s.num_new
+                continue
+        groups.append([s])
+        real = s.num_new
+    return groups
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """The tensors of one model forward over b sequences padded to s_q new tokens."""
+
+    input_ids: torch.Tensor  # [b, s_q] int64
+    positions: torch.Tensor  # [b, s_q] int64
+    slot_mapping: torch.Tensor  # [b, s_q] int64, PAD_SLOT for padding
+    cache_seqlens: torch.Tensor  # [b] int32
+    block_table: torch.Tensor  # [b, max_pages] int32, right-padded with page 0
+
+
+def build_inputs(group: Sequence[ScheduledSeq], device: torch.device) -> ForwardInputs:
+    """Left-pads the group's new tokens to the longest and moves every field in one copy."""
+    b = len(group)
+    s_q = max(s.num_new for s in group)
+    width = max(len(s.page_table) for s in group)
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    seqlens: list[int] = []
+    table: list[int] = []
+    for s in group:
+        pad = s_q - s.num_new
+        if pad:
+            ids.extend([PAD_TOKEN_ID] * pad)
+            pos.extend([0] * pad)
+            slots.extend([PAD_SLOT] * pad)
+        ids.extend(s.token_ids)
+        pos.extend(range(s.start, s.seqlen))
+        pages = s.page_table
+        slots.extend(pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(s.start, s.seqlen))
+        seqlens.append(s.seqlen)
+        table.extend(pages)
+        if len(pages) < width:
+            table.extend([0] * (width - len(pages)))
+    n = b * s_q
+    wide, narrow = to_device(
+        torch.tensor(ids + pos + slots, dtype=torch.int64),  # [3n]
+        torch.tensor(seqlens + table, dtype=torch.int32),  # [b + b * width]
+        device,
+    )
+    return ForwardInputs(
+        input_ids=wide[:n].view(b, s_q),
+        positions=wide[n : 2 * n].view(b, s_q),
+        slot_mapping=wide[2 * n :].view(b, s_q),
+        cache_seqlens=narrow[:b],
+        block_table=narrow[b:].view(b, width),
+    )
+
+
+def to_device(
+    wide: torch.Tensor,  # [m] int64, on the host
+    narrow: torch.Tensor,  # [k] int32, on the host
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([m] int64, [k] int32) on device
+    """One host -> device transfer for both: they travel as one int32 buffer (the int64 values as
+    word pairs), staged in pinned memory and copied asynchronously on CUDA."""
+    m = wide.numel()
+    parts = (wide.view(torch.int32), narrow)
+    if device.type == "cuda":
+        staged = torch.empty(2 * m + narrow.numel(), dtype=torch.int32, pin_memory=True)
+        torch.cat(parts, out=staged)
+        # The caching host allocator keeps the pinned block until the copy is done.
+        buf = staged.to(device, non_blocking=True)
+    else:
+        buf = torch.cat(parts).to(device)
+    return buf[: 2 * m].view(torch.int64), buf[2 * m :]
+
 
 class ModelRunner:
-    def __init__(self, model: Any, num_heads: int, kv_cache: KVCache, group_prefills: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        num_heads: int,
+        kv_cache: KVCache,
+        group_prefills: bool = True,
+        max_padding: float = 0.0,
+    ) -> None:
+        if max_padding < 0:
+            raise ValueError(f"max_padding must be >= 0, got {max_padding!r}")
         self.model = model
         self.num_heads = num_heads  # query heads of the attention (h_q)
         self.kv_cache = kv_cache
         self.device = kv_cache.device
         self.group_prefills = group_prefills
+        self.max_padding = max_padding
         self.num_forwards = 0
 
     def forward_groups(self, plan: BatchPlan) -> list[list[ScheduledSeq]]:
@@ -36,10 +145,7 @@ class ModelRunner:
         if plan.decodes:
             groups.append(list(plan.decodes))
         if self.group_prefills:
-            by_len: dict[int, list[ScheduledSeq]] = {}
-            for s in plan.prefills:
-                by_len.setdefault(s.num_new, []).append(s)
-            groups.extend(by_len.values())
+            groups.extend(pack_prefills(plan.prefills, self.max_padding))
         else:
             groups.extend([s] for s in plan.prefills)
         return groups
@@ -51,15 +157,16 @@ class ModelRunner:
         ids: list[str] = []
         rows: list[torch.Tensor] = []
         for group in self.forward_groups(plan):
-            logits = self._forward(group)  # [b, 1, vocab]
+            last = self._forward(group)[:, -1]  # [b, vocab]
             keep = [i for i, s in enumerate(group) if s.sample]
-            if keep:
-                index = torch.tensor(keep, device=logits.device)
-                rows.append(logits[:, -1].index_select(0, index))
-                ids.extend(group[i].request_id for i in keep)
+            if len(keep) == len(group):
+                rows.append(last)
+            elif keep:
+                rows.append(last.index_select(0, torch.tensor(keep, device=last.device)))
+            ids.extend(group[i].request_id for i in keep)
         if not rows:
             return ids, torch.empty(0, 0, dtype=torch.float32, device=self.device)
-        return ids, torch.cat(rows).float()
+        return ids, (rows[0] if len(rows) == 1 else torch.cat(rows)).float()
 
     def execute(
         self, plan: BatchPlan, sampler: Sampler, states: Mapping[str, SamplingState]
@@ -72,29 +179,20 @@ class ModelRunner:
     def _forward(
         self, group: Sequence[ScheduledSeq]
     ) -> torch.Tensor:  # [b, 1, vocab] float32: last-token logits
-        s_q = group[0].num_new
-        if any(s.num_new != s_q for s in group):
-            raise ValueError("a forward needs sequences with the same number of new tokens")
-        dev = self.device
-        starts = [s.start for s in group]
-        input_ids = torch.tensor([s.token_ids for s in group], dtype=torch.int64).to(dev)  # [b, s_q]
-        positions = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(s_q)[None, :]).to(
-            dev
-        )  # [b, s_q]
-        cache_seqlens = torch.tensor([s.seqlen for s in group], dtype=torch.int32).to(dev)  # [b]
-        tables = [s.page_table for s in group]
+        inputs = build_inputs(group, self.device)
+        s_q = inputs.input_ids.shape[1]
         tile_scheduler_metadata, num_splits = get_mla_metadata(
-            cache_seqlens, s_q * self.num_heads // NUM_KV_HEADS, NUM_KV_HEADS
+            inputs.cache_seqlens, s_q * self.num_heads // NUM_KV_HEADS, NUM_KV_HEADS
         )
         meta = AttentionMetadata(
-            block_table=block_table(tables, dev),  # [b, max_pages] int32
-            cache_seqlens=cache_seqlens,
-            slot_mapping=slot_mapping(tables, starts, s_q, dev),  # [b, s_q] int64
+            block_table=inputs.block_table,
+            cache_seqlens=inputs.cache_seqlens,
+            slot_mapping=inputs.slot_mapping,
             tile_scheduler_metadata=tile_scheduler_metadata,
             num_splits=num_splits,
             causal=True,
         )
         self.num_forwards += 1
         return self.model.forward(
-            input_ids, positions, self.kv_cache.layers, meta, only_last=True
+            inputs.input_ids, inputs.positions, self.kv_cache.layers, meta, only_last=True
         )  # [b, 1, vocab]

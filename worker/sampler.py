@@ -58,33 +58,45 @@ class Sampler:
         if n == 0:
             return []
         logits = logits.float()
-        check_finite(logits, request_ids or [str(i) for i in range(n)])
-        tokens = logits.argmax(dim=-1)  # [n]
+        names = request_ids or [str(i) for i in range(n)]
         rows = [i for i, s in enumerate(states) if s.generator is not None]
-        if rows:
-            index = torch.tensor(rows, device=logits.device)
-            probs = filtered_probs(
-                logits.index_select(0, index),
-                temperature=[states[i].params.temperature for i in rows],
-                top_k=[states[i].params.top_k for i in rows],
-                top_p=[states[i].params.top_p for i in rows],
-            )  # [m, vocab]
-            noise = torch.stack(
-                [
-                    torch.empty(vocab, device=logits.device).exponential_(generator=states[i].generator)
-                    for i in rows
-                ]
-            )  # [m, vocab]
-            # A zero draw would turn p = 0 into NaN, which argmax would pick: keep the noise positive.
-            noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-            tokens[index] = (probs / noise).argmax(dim=-1)
+        if not rows:  # all greedy: the finiteness check and the tokens come back in one transfer
+            tokens_and_bad = torch.stack((logits.argmax(dim=-1), nonfinite_rows(logits).to(torch.int64)))
+            tokens_list, bad = tokens_and_bad.tolist()  # [n], [n]: one device -> host transfer
+            if any(bad):
+                raise NonFiniteLogitsError([names[i] for i, b in enumerate(bad) if b])
+            return tokens_list
+        check_finite(logits, names)  # before any random draw: a failed batch leaves the streams untouched
+        tokens = logits.argmax(dim=-1)  # [n]
+        index = torch.tensor(rows, device=logits.device)
+        probs = filtered_probs(
+            logits.index_select(0, index),
+            temperature=[states[i].params.temperature for i in rows],
+            top_k=[states[i].params.top_k for i in rows],
+            top_p=[states[i].params.top_p for i in rows],
+        )  # [m, vocab]
+        noise = torch.stack(
+            [
+                torch.empty(vocab, device=logits.device).exponential_(generator=states[i].generator)
+                for i in rows
+            ]
+        )  # [m, vocab]
+        # A zero draw would turn p = 0 into NaN, which argmax would pick: keep the noise positive.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        tokens[index] = (probs / noise).argmax(dim=-1)
         return tokens.tolist()
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:  # [n] bool
+    """Rows of logits [n, vocab] that cannot be sampled: NaN or +inf anywhere, or all -inf."""
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # [n]
+    bad |= logits.max(dim=-1).values == -math.inf
+    return bad
 
 
 def check_finite(logits: torch.Tensor, request_ids: Sequence[str]) -> None:
     """Raises NonFiniteLogitsError naming the requests whose logits cannot be sampled."""
-    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # [n]
-    bad |= logits.max(dim=-1).values == -math.inf
+    bad = nonfinite_rows(logits)  # [n]
     if bool(bad.any()):
         raise NonFiniteLogitsError([request_ids[i] for i in bad.nonzero().flatten().tolist()])
 
@@ -99,9 +111,10 @@ def filtered_probs(
     device = logits.device
     temp = torch.tensor(temperature, dtype=torch.float32, device=device)
     scaled = logits / temp[:, None]  # [m, vocab]
-    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k], device=device)  # [m]
-    p = torch.tensor(top_p, dtype=torch.float32, device=device)  # [m]
-    if bool((k < vocab).any()) or bool((p < 1.0).any()):
+    k_host = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k])  # [m]
+    p_host = torch.tensor(top_p, dtype=torch.float32)  # [m]
+    if bool((k_host < vocab).any()) or bool((p_host < 1.0).any()):  # decided on the host: no device sync
+        k, p = k_host.to(device), p_host.to(device)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [m, vocab]
         rank = torch.arange(vocab, device=device)[None, :]  # [1, vocab]
         drop = rank >= k[:, None]  # beyond top-k
