@@ -52,7 +52,9 @@ async def _demo(args: argparse.Namespace) -> int:
     async with running_gateway(pool_config_from_args(args), server_config) as server:
         print(f"gateway: {server.address} (cluster up in {time.perf_counter() - t0:.1f} s)", flush=True)
         if args.model in ("tiny", "deepseek-v3-tiny"):
-            print("(the tiny presets have random weights, so their text is noise; --model takes a checkpoint)")
+            print(
+                "(the tiny presets have random weights, so their text is noise; --model takes a checkpoint)"
+            )
         async with DecoderClient(server.address, timeout=120) as client:
             await client.wait_ready()
             # 1. Streamed, sampled with a seed: tokens print as they arrive.
