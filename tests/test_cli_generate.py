@@ -7,19 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from mlaserve.cluster.cli import main
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.types import SamplingParams
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ from mlaserve.worker.types import FinishReason, RequestOutput, SamplingParams
 BYTE_TOKENS = 256  # the tiny preset's byte tokenizer: ids < 256 are bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """CI has 2 cores shared by several processes: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny", device="cpu", dtype=torch.float32)
