@@ -11,9 +11,7 @@ import torch
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.types import FinishReason, SamplingParams
 from tests.worker.hf_checkpoints import EOS, write_v2_checkpoint, write_v3_checkpoint
-from tests.worker.test_engine import assert_same_greedy, one_torch_thread, record_logits
-
-__all__ = ["one_torch_thread"]  # the module-wide single-thread fixture, reused here
+from tests.worker.test_engine import assert_same_greedy, record_logits
 
 WRITERS = {"v2": write_v2_checkpoint, "v3": write_v3_checkpoint}
 NEW_TOKENS = 32
