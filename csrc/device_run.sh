@@ -16,7 +16,7 @@ echo "build: $(( $(date +%s) - t0 )) s"; grep -E "registers|spill|arning" "$OUT/
 so=$(python3 -c "import mlaserve.worker.kernels._C as m; print(m.__file__)")
 cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
 echo "SASS: $(grep -c HGMMA "$OUT/sass.txt") HGMMA, $(grep -cE 'LDL|STL' "$OUT/sass.txt") LDL/STL, $(grep -c UTMALDG "$OUT/sass.txt") UTMALDG"
-for k in ${KERNELS:-solo split}; do
+for k in ${KERNELS:-solo seesaw split}; do
   echo "== smoke MLASERVE_MLA_KERNEL=$k"
   MLASERVE_MLA_KERNEL=$k timeout ${SMOKE_T:-120} python3 csrc/smoke.py 2>&1 | tee -a "$OUT/smoke.log"
 done

@@ -128,6 +128,8 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
     if (a.schedule == kSoloS) {
       launch_main<kSoloS>(tmap, p, grid, stream);
+    } else if (a.schedule == kSeesaw) {
+      launch_main<kSeesaw>(tmap, p, grid, stream);
     } else {
       launch_main<kSplitS>(tmap, p, grid, stream);
     }

@@ -120,12 +120,14 @@ __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], const SharedSto
   warpgroup_commit_batch();
 }
 
-// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w. Issues and commits one
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from `p_tile` (one
+// swizzled 64 x 64 chunk: s.p, or a page's RoPE chunk in the seesaw schedule). Issues and commits one
 // wgmma group; pv_half also waits for it.
-__device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s, int stage, int w) {
+__device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s, int stage, int w,
+                                         const uint8_t* p_tile) {
   using namespace cute;
   const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(s.p, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+      local_tile(smem_tensor(p_tile, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
   // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
   const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
       local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
@@ -139,24 +141,31 @@ __device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s
 }
 
 __device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
-  pv_issue(o, s, stage, w);
+  pv_issue(o, s, stage, w, s.p);
   cute::warpgroup_wait<0>();
   fence_regs(o);
 }
 
-// Writes this thread's probabilities (bf16) into s.p: rows a/b, columns col0 + 8j + 2(lane%4) + e.
-// Addresses = &sP(row, col) of smem_tensor(s.p, SmemLayoutP{}), by hand for the reason in load_q_tile.
+// Writes this thread's probabilities (bf16) into the P tile `p_tile` (one swizzled 64 x 64 chunk): rows
+// a/b, columns col0 + 8j + 2(lane%4) + e. Addresses = &sP(row, col) of smem_tensor(p_tile, SmemLayoutP{}),
+// by hand for the reason in load_q_tile.
 template <int N>
-__device__ __forceinline__ void store_p(SharedStorage& s, const float (&pr)[N], int col0, int row_a, int lane) {
+__device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], int col0, int row_a, int lane) {
   const int row_b = row_a + 8;
 #pragma unroll
   for (int j = 0; j < N / 4; ++j) {
     const int unit = col0 / 8 + j;
     __nv_bfloat162 va = __floats2bfloat162_rn(pr[4 * j + 0], pr[4 * j + 1]);
     __nv_bfloat162 vb = __floats2bfloat162_rn(pr[4 * j + 2], pr[4 * j + 3]);
-    *reinterpret_cast<__nv_bfloat162*>(s.p + row_a * 128 + ((unit ^ (row_a & 7)) << 4) + 4 * (lane & 3)) = va;
-    *reinterpret_cast<__nv_bfloat162*>(s.p + row_b * 128 + ((unit ^ (row_b & 7)) << 4) + 4 * (lane & 3)) = vb;
+    *reinterpret_cast<__nv_bfloat162*>(p_tile + row_a * 128 + ((unit ^ (row_a & 7)) << 4) + 4 * (lane & 3)) = va;
+    *reinterpret_cast<__nv_bfloat162*>(p_tile + row_b * 128 + ((unit ^ (row_b & 7)) << 4) + 4 * (lane & 3)) = vb;
   }
+}
+
+// The RoPE chunk (columns 512..575) of a stage: read only by that page's S = Q K^T, so once S is done
+// it can hold the page's P tile (seesaw schedule) until both consumers release the stage.
+__device__ __forceinline__ uint8_t* rope_chunk(SharedStorage& s, int stage) {
+  return s.kv[stage] + kNumChunksV * kChunkBytes;
 }
 
 // Zeroes rows [first_row, 64) of this warpgroup's V columns (256w .. 256w+255) of a stage, so

@@ -29,7 +29,7 @@
 
 namespace mla {
 
-enum Schedule : int { kSplitS = 0, kSoloS = 1 };
+enum Schedule : int { kSplitS = 0, kSoloS = 1, kSeesaw = 2 };
 
 struct ConsumerCtx {
   int w, ct, t, lane, row_a, rg_a, rg_b, m_block, head_kv;
@@ -104,7 +104,7 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
       mx_b = fmaxf(mx_b, s.row_max[1 - c.w][c.row_a + 8]);
       float alpha_a, alpha_b;
       softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
-      store_p(s, sacc, 32 * c.w, c.row_a, c.lane);
+      store_p(s.p, sacc, 32 * c.w, c.row_a, c.lane);
       if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
       cutlass::arch::fence_view_async_shared();
       consumer_sync(kBarP);
@@ -171,7 +171,7 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
         float alpha_a, alpha_b;
         softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
         consumer_sync(kBarPFree);  // consumer 1 is done with the previous P
-        store_p(s, sacc, 0, c.row_a, c.lane);
+        store_p(s.p, sacc, 0, c.row_a, c.lane);
         if ((c.lane & 3) == 0) {
           s.row_max[0][c.row_a] = alpha_a;
           s.row_max[0][c.row_a + 8] = alpha_b;
@@ -222,6 +222,116 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
   }
 }
 
+// ---- schedule kSeesaw ---------------------------------------------------------------------------
+// The pages of a request alternate owners: consumer (j % 2) computes S = Q K^T of the request's page j,
+// its softmax, and writes P_j into that page's RoPE chunk (free once S_j is done) and the running row
+// max M_j into s.row_max[j % 2]. Both consumers add every page to their output half in page order,
+// O = O * exp(M_{j-1} - M_j) + P_j V_j, so both halves stay on one running max and no P is rescaled.
+// A consumer issues its own S_j first and the other's P_{j-1} V_{j-1} behind it, runs its softmax while
+// that P V (and the other consumer's S_{j+1}) keep the tensor cores busy: the two softmaxes alternate.
+// Stage release: each consumer arrives on a page's empty barrier once its own P V of that page is done.
+__device__ __forceinline__ void seesaw_other_page(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
+                                                  float (&o)[128], RowState& st, int j, int it, int pg,
+                                                  int len) {
+  const int stage = it % kNumStages;
+  consumer_sync(static_cast<NamedBarrierId>(kBarPReady + (j & 1)));  // P_j and M_j are written
+  wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);           // (complete: orders the TMA writes)
+  float alpha_a, alpha_b;
+  rebase_rows(st, s.row_max[j & 1][c.row_a], s.row_max[j & 1][c.row_a + 8], p.scale_log2, alpha_a, alpha_b);
+  if (pg * kPageSize + kPageSize > len) {
+    zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
+    cutlass::arch::fence_view_async_shared();
+  }
+  rescale_rows(o, alpha_a, alpha_b);
+  pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
+}
+
+__device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStorage& s, const PartInfo& part,
+                                               const ConsumerCtx& c) {
+  float o[128];
+  float sacc[32];
+  int it0 = 0;  // pages of earlier requests in this part (ring position of page 0)
+  for (int req = part.first_req; req <= part.last_req; ++req) {
+    const int len = p.seqlens[req];
+    int lo, hi;
+    if (!part_pages(part, req, len, lo, hi)) continue;
+    const int n = hi - lo;
+    begin_request(p, s, c, req, o);
+    int limit_a, limit_b;
+    row_limits(p, c, len, limit_a, limit_b);
+    const int limit_min = min(limit_a, limit_b);
+    RowState st;
+    st.m[0] = st.m[1] = -INFINITY;
+    st.l[0] = st.l[1] = 0.f;
+    int pending = -1;  // ring position of this consumer's own page whose P V is in flight
+
+    for (int j = c.w; j < n; j += 2) {  // this consumer's own pages
+      const int it = it0 + j, stage = it % kNumStages, pg = lo + j;
+      if (pending >= 0) {  // its stage is the one page j goes into
+        cute::warpgroup_wait<0>();
+        fence_regs(o);
+        EmptyBarrier::arrive(&s.empty_bar[pending % kNumStages]);
+        pending = -1;
+      }
+      wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
+      qk_full_issue(sacc, s, stage);
+      if (j >= 1) {
+        seesaw_other_page(p, s, c, o, st, j - 1, it - 1, pg - 1, len);
+        cute::warpgroup_wait<1>();  // S_j done; the other page's P V may still run
+      } else {
+        cute::warpgroup_wait<0>();
+      }
+      fence_regs(sacc);
+      if (pg * kPageSize + kPageSize > limit_min) {
+        mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), limit_a, limit_b);
+      }
+      float mx_a, mx_b;
+      row_max_local(sacc, mx_a, mx_b);
+      float alpha_a, alpha_b;
+      softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
+      store_p(rope_chunk(s, stage), sacc, 0, c.row_a, c.lane);
+      if ((c.lane & 3) == 0) {
+        s.row_max[j & 1][c.row_a] = st.m[0];
+        s.row_max[j & 1][c.row_a + 8] = st.m[1];
+      }
+      if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
+      cutlass::arch::fence_view_async_shared();
+      consumer_arrive(static_cast<NamedBarrierId>(kBarPReady + (j & 1)));
+      if (j >= 1) {  // the other page's P V is done: release its stage
+        cute::warpgroup_wait<0>();
+        fence_regs(o);
+        EmptyBarrier::arrive(&s.empty_bar[(it - 1) % kNumStages]);
+      }
+      rescale_rows(o, alpha_a, alpha_b);
+      pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
+      pending = it;
+    }
+    if (pending >= 0) {
+      cute::warpgroup_wait<0>();
+      fence_regs(o);
+      EmptyBarrier::arrive(&s.empty_bar[pending % kNumStages]);
+    }
+    if (((n - 1) & 1) != c.w) {  // the request's last page is the other consumer's
+      seesaw_other_page(p, s, c, o, st, n - 1, it0 + n - 1, lo + n - 1, len);
+      cute::warpgroup_wait<0>();
+      fence_regs(o);
+      EmptyBarrier::arrive(&s.empty_bar[(it0 + n - 1) % kNumStages]);
+    }
+
+    // Row sums: this thread's columns -> quad -> both consumers (each summed its own pages).
+    const float l_a = quad_sum(st.l[0]), l_b = quad_sum(st.l[1]);
+    if ((c.lane & 3) == 0) {
+      s.row_sum[c.w][c.row_a] = l_a;
+      s.row_sum[c.w][c.row_a + 8] = l_b;
+    }
+    consumer_sync(kBarMax);
+    const float lt_a = l_a + s.row_sum[1 - c.w][c.row_a];
+    const float lt_b = l_b + s.row_sum[1 - c.w][c.row_a + 8];
+    end_request(p, c, part, req, o, st.m[0], st.m[1], lt_a, lt_b);
+    it0 += n;
+  }
+}
+
 template <int kSchedule>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                  const __grid_constant__ DecodeParams p) {
@@ -262,6 +372,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   c.head_kv = head_kv;
   if constexpr (kSchedule == kSoloS) {
     consume_solo_s(p, s, part, c);
+  } else if constexpr (kSchedule == kSeesaw) {
+    consume_seesaw(p, s, part, c);
   } else {
     consume_split_s(p, s, part, c);
   }

@@ -144,6 +144,7 @@ enum NamedBarrierId : uint32_t {
   kBarMax = 1,    // both consumer WGs: row maxima / final row sums exchanged
   kBarP = 2,      // both consumer WGs: P tile (and rescale factors) written
   kBarPFree = 3,  // solo-S: consumer 1 done reading P (consumer 0 may overwrite it)
+  kBarPReady = 4, // seesaw: kBarPReady + w = consumer w wrote P and the row max of its page (ids 4, 5)
 };
 constexpr int kConsumerThreads = kNumConsumerWG * 128;
 __device__ __forceinline__ void consumer_sync(NamedBarrierId id) {

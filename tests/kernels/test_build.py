@@ -51,3 +51,16 @@ def test_wrapper_refuses_cpu_tensors():
     splits = torch.zeros(2, dtype=torch.int32)
     with pytest.raises((ValueError, RuntimeError), match="q|not built"):
         sm90.flash_mla_with_kvcache(q, k, bt, seq, 512, meta, splits)
+
+
+def test_kernel_knobs_reject_unknown_values(monkeypatch):
+    """A mistyped MLASERVE_MLA_KERNEL / MLASERVE_MLA_SCHED is a ValueError naming the knob and the choices."""
+    from mlaserve.worker.kernels import sm90
+
+    monkeypatch.setenv("MLASERVE_MLA_KERNEL", "SeeSaw")
+    assert sm90._env_choice("MLASERVE_MLA_KERNEL", sm90._SCHEDULES, "solo") == sm90._SCHEDULES["seesaw"]
+    monkeypatch.setenv("MLASERVE_MLA_KERNEL", "pingpong")
+    with pytest.raises(ValueError, match=r"MLASERVE_MLA_KERNEL='pingpong'.*split, solo, seesaw"):
+        sm90._env_choice("MLASERVE_MLA_KERNEL", sm90._SCHEDULES, "solo")
+    monkeypatch.delenv("MLASERVE_MLA_SCHED", raising=False)
+    assert sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto") == sm90._PLANS["auto"]

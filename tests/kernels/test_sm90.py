@@ -265,7 +265,7 @@ def test_argument_errors_name_the_argument(seed):
         sm90.get_mla_metadata(seq.long(), 16, 1)
 
 
-@pytest.mark.parametrize("kernel", ["split", "solo"])
+@pytest.mark.parametrize("kernel", ["split", "solo", "seesaw"])
 @pytest.mark.parametrize("sched", ["even", "pack", "auto"])
 def test_kernel_and_scheduler_variants(seed, monkeypatch, kernel, sched):
     """Every consumer schedule (MLASERVE_MLA_KERNEL) and split plan (MLASERVE_MLA_SCHED) is exact."""

@@ -36,9 +36,17 @@ BLOCK_M = 64  # query rows per CTA tile
 METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
 # consumer schedules of the main kernel (csrc/mla_kernel.cuh); MLASERVE_MLA_KERNEL picks one
-_SCHEDULES = {"split": 0, "solo": 1}
+_SCHEDULES = {"split": 0, "solo": 1, "seesaw": 2}
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
+
+
+def _env_choice(name: str, choices: dict[str, int], default: str) -> int:
+    """The value of a kernel knob (environment variable), or a ValueError naming the knob."""
+    value = os.environ.get(name, default).lower()
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return choices[value]
 
 
 def is_supported() -> bool:
@@ -111,7 +119,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         metadata[:, 2] = -1
         num_splits.zero_()
         return metadata, num_splits
-    mode = _PLANS[os.environ.get("MLASERVE_MLA_SCHED", "auto").lower()]
+    mode = _env_choice("MLASERVE_MLA_SCHED", _PLANS, "auto")
     _C.get_mla_metadata(
         device,
         cache_seqlens.data_ptr(),
@@ -247,7 +255,7 @@ def flash_mla_with_kvcache(
         scale,
         bool(causal),
         os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
-        _SCHEDULES[os.environ.get("MLASERVE_MLA_KERNEL", "solo").lower()],
+        _env_choice("MLASERVE_MLA_KERNEL", _SCHEDULES, "solo"),
         stream,
     )
     return out, lse
