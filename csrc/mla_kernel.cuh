@@ -35,14 +35,18 @@ struct ConsumerCtx {
   int w, ct, t, lane, row_a, rg_a, rg_b, m_block, head_kv;
 };
 
-__device__ __forceinline__ void row_limits(const DecodeParams& p, const ConsumerCtx& c, int len, int& limit_a,
-                                           int& limit_b) {
-  limit_a = len;
-  limit_b = len;
+// Keys visible to this thread's two rows: [0, a) and [0, b); pages past `min` need no mask.
+struct KeyLimits {
+  int a, b, min;
+};
+__device__ __forceinline__ KeyLimits key_limits(const DecodeParams& p, const ConsumerCtx& c, int len) {
+  KeyLimits k{len, len, len};
   if (p.causal) {  // keys < len - s_q + sq + 1 are visible to query token sq
-    limit_a = min(len, len - p.s_q + c.rg_a / p.group + 1);
-    limit_b = min(len, len - p.s_q + c.rg_b / p.group + 1);
+    k.a = min(len, len - p.s_q + c.rg_a / p.group + 1);
+    k.b = min(len, len - p.s_q + c.rg_b / p.group + 1);
+    k.min = min(k.a, k.b);
   }
+  return k;
 }
 
 __device__ __forceinline__ void begin_request(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
@@ -78,20 +82,16 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
     const int len = p.seqlens[req];
     int lo, hi;
     if (!part_pages(part, req, len, lo, hi)) continue;
-    int limit_a, limit_b;
-    row_limits(p, c, len, limit_a, limit_b);
-    const int limit_min = min(limit_a, limit_b);
+    const KeyLimits lim = key_limits(p, c, len);
     begin_request(p, s, c, req, o);
-    RowState st;
-    st.m[0] = st.m[1] = -INFINITY;
-    st.l[0] = st.l[1] = 0.f;
+    RowState st = empty_row_state();
 
     for (int pg = lo; pg < hi; ++pg, ++it) {
       const int stage = it % kNumStages;
       wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
       qk_half(sacc, s, stage, c.w);
-      if (pg * kPageSize + kPageSize > limit_min) {
-        mask_scores(sacc, pg * kPageSize + 32 * c.w + 2 * (c.lane & 3), limit_a, limit_b);
+      if (pg * kPageSize + kPageSize > lim.min) {
+        mask_scores(sacc, pg * kPageSize + 32 * c.w + 2 * (c.lane & 3), lim.a, lim.b);
       }
       float mx_a, mx_b;
       row_max_local(sacc, mx_a, mx_b);
@@ -151,20 +151,16 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
 
     if (c.w == 0) {
       float sacc[32];
-      int limit_a, limit_b;
-      row_limits(p, c, len, limit_a, limit_b);
-      const int limit_min = min(limit_a, limit_b);
-      RowState st;
-      st.m[0] = st.m[1] = -INFINITY;
-      st.l[0] = st.l[1] = 0.f;
+      const KeyLimits lim = key_limits(p, c, len);
+      RowState st = empty_row_state();
       for (int pg = lo; pg < hi; ++pg, ++it) {
         const int stage = it % kNumStages;
         wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
         qk_full_issue(sacc, s, stage);
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
-        if (pg * kPageSize + kPageSize > limit_min) {
-          mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), limit_a, limit_b);
+        if (pg * kPageSize + kPageSize > lim.min) {
+          mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), lim.a, lim.b);
         }
         float mx_a, mx_b;
         row_max_local(sacc, mx_a, mx_b);
@@ -246,6 +242,49 @@ __device__ __forceinline__ void seesaw_other_page(const DecodeParams& p, SharedS
   pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
 }
 
+// One of this consumer's own pages j (ring position it): S_j, then (kOther) the other consumer's page
+// j - 1 queued behind it on the tensor cores, the softmax of S_j while that P V runs, P_j published, and
+// this half's P_j V_j. Every wgmma group is waited for inside (ptxas serializes all wgmmas of a kernel
+// whose accumulators stay in flight across divergent control flow).
+template <bool kOther>
+__device__ __forceinline__ void seesaw_own_page(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
+                                                const KeyLimits& lim, float (&o)[128], float (&sacc)[32],
+                                                RowState& st, int j, int it, int pg, int len) {
+  const int stage = it % kNumStages;
+  wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
+  qk_full_issue(sacc, s, stage);
+  if constexpr (kOther) {
+    seesaw_other_page(p, s, c, o, st, j - 1, it - 1, pg - 1, len);
+    cute::warpgroup_wait<1>();  // S_j done; the other page's P V may still run
+  } else {
+    cute::warpgroup_wait<0>();
+  }
+  fence_regs(sacc);
+  if (pg * kPageSize + kPageSize > lim.min) mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), lim.a, lim.b);
+  float mx_a, mx_b;
+  row_max_local(sacc, mx_a, mx_b);
+  float alpha_a, alpha_b;
+  softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
+  store_p(rope_chunk(s, stage), sacc, 0, c.row_a, c.lane);
+  if ((c.lane & 3) == 0) {
+    s.row_max[j & 1][c.row_a] = st.m[0];
+    s.row_max[j & 1][c.row_a + 8] = st.m[1];
+  }
+  if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
+  cutlass::arch::fence_view_async_shared();
+  consumer_arrive(static_cast<NamedBarrierId>(kBarPReady + (j & 1)));
+  if constexpr (kOther) {  // the other page's P V is done: release its stage
+    cute::warpgroup_wait<0>();
+    fence_regs(o);
+    EmptyBarrier::arrive(&s.empty_bar[(it - 1) % kNumStages]);
+  }
+  rescale_rows(o, alpha_a, alpha_b);
+  pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
+  cute::warpgroup_wait<0>();
+  fence_regs(o);
+  EmptyBarrier::arrive(&s.empty_bar[stage]);
+}
+
 __device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStorage& s, const PartInfo& part,
                                                const ConsumerCtx& c) {
   float o[128];
@@ -257,59 +296,12 @@ __device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStor
     if (!part_pages(part, req, len, lo, hi)) continue;
     const int n = hi - lo;
     begin_request(p, s, c, req, o);
-    int limit_a, limit_b;
-    row_limits(p, c, len, limit_a, limit_b);
-    const int limit_min = min(limit_a, limit_b);
-    RowState st;
-    st.m[0] = st.m[1] = -INFINITY;
-    st.l[0] = st.l[1] = 0.f;
-    int pending = -1;  // ring position of this consumer's own page whose P V is in flight
-
-    for (int j = c.w; j < n; j += 2) {  // this consumer's own pages
-      const int it = it0 + j, stage = it % kNumStages, pg = lo + j;
-      if (pending >= 0) {  // its stage is the one page j goes into
-        cute::warpgroup_wait<0>();
-        fence_regs(o);
-        EmptyBarrier::arrive(&s.empty_bar[pending % kNumStages]);
-        pending = -1;
-      }
-      wait_barrier(&s.full_bar[stage], (it / kNumStages) & 1);
-      qk_full_issue(sacc, s, stage);
-      if (j >= 1) {
-        seesaw_other_page(p, s, c, o, st, j - 1, it - 1, pg - 1, len);
-        cute::warpgroup_wait<1>();  // S_j done; the other page's P V may still run
-      } else {
-        cute::warpgroup_wait<0>();
-      }
-      fence_regs(sacc);
-      if (pg * kPageSize + kPageSize > limit_min) {
-        mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), limit_a, limit_b);
-      }
-      float mx_a, mx_b;
-      row_max_local(sacc, mx_a, mx_b);
-      float alpha_a, alpha_b;
-      softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
-      store_p(rope_chunk(s, stage), sacc, 0, c.row_a, c.lane);
-      if ((c.lane & 3) == 0) {
-        s.row_max[j & 1][c.row_a] = st.m[0];
-        s.row_max[j & 1][c.row_a + 8] = st.m[1];
-      }
-      if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, c.w, len - pg * kPageSize, c.t);
-      cutlass::arch::fence_view_async_shared();
-      consumer_arrive(static_cast<NamedBarrierId>(kBarPReady + (j & 1)));
-      if (j >= 1) {  // the other page's P V is done: release its stage
-        cute::warpgroup_wait<0>();
-        fence_regs(o);
-        EmptyBarrier::arrive(&s.empty_bar[(it - 1) % kNumStages]);
-      }
-      rescale_rows(o, alpha_a, alpha_b);
-      pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
-      pending = it;
-    }
-    if (pending >= 0) {
-      cute::warpgroup_wait<0>();
-      fence_regs(o);
-      EmptyBarrier::arrive(&s.empty_bar[pending % kNumStages]);
+    const KeyLimits lim = key_limits(p, c, len);
+    RowState st = empty_row_state();
+    // own pages: consumer 0 pages 0, 2, 4, ... (page 0 has no other page before it); consumer 1 pages 1, 3, ...
+    if (c.w == 0) seesaw_own_page<false>(p, s, c, lim, o, sacc, st, 0, it0, lo, len);
+    for (int j = c.w == 0 ? 2 : 1; j < n; j += 2) {
+      seesaw_own_page<true>(p, s, c, lim, o, sacc, st, j, it0 + j, lo + j, len);
     }
     if (((n - 1) & 1) != c.w) {  // the request's last page is the other consumer's
       seesaw_other_page(p, s, c, o, st, n - 1, it0 + n - 1, lo + n - 1, len);

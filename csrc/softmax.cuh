@@ -15,6 +15,13 @@ struct RowState {
   float l[2];  // running sum of exp(scale*(s - m)) over this thread's columns only
 };
 
+__device__ __forceinline__ RowState empty_row_state() {
+  RowState st;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.f;
+  return st;
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));

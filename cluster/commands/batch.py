@@ -28,7 +28,11 @@ from typing import Any
 
 from mlaserve.cluster.batch import BatchConfig, BatchSummary, GenerateFn, run_batch
 from mlaserve.cluster.batch_records import OutputCorrupt
-from mlaserve.worker.types import SamplingParams
+from mlaserve.cluster.commands.options import (
+    add_auth_token_argument,
+    add_sampling_arguments,
+    sampling_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=None, help="seconds per request (with --server)"
     )
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
-        help="the gateway's bearer token (with --server; default: MLASERVE_AUTH_TOKEN)",
-    )
+    add_auth_token_argument(parser, "the gateway's bearer token (with --server)")
     parser.add_argument(
         "--max-attempts", type=int, default=5, help="tries per request while the cluster is full or draining"
     )
@@ -65,23 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     sampling = parser.add_argument_group("sampling defaults (a line's own fields win)")
-    sampling.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens)
-    sampling.add_argument("--temperature", type=float, default=SamplingParams.temperature)
-    sampling.add_argument("--top-p", type=float, default=SamplingParams.top_p)
-    sampling.add_argument("--top-k", type=int, default=SamplingParams.top_k)
-    sampling.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(sampling)
     pool = parser.add_argument_group("worker pool (without --server)")
     add_pool_arguments(pool)  # type: ignore[arg-type]
 
 
 def _config(args: argparse.Namespace) -> BatchConfig:
-    defaults = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    defaults = sampling_from_args(args)
     return BatchConfig(
         input_path=args.input,
         output_path=args.output,

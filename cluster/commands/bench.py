@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import replace
 
+from mlaserve.cluster.commands.options import add_auth_token_argument
 from mlaserve.cluster.router import POLICIES
 
 
@@ -67,11 +68,7 @@ def _add_serve_arguments(sub: argparse._SubParsersAction) -> None:
         "--bound-tokens-per-s", type=float, default=None, help="roofline output tokens/s to compare against"
     )
     serve.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
-    serve.add_argument(
-        "--auth-token",
-        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
-        help="bearer token (default: MLASERVE_AUTH_TOKEN)",
-    )
+    add_auth_token_argument(serve, "bearer token")
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -6,20 +6,24 @@ CPU) and streams the answer to stdout:
     mlaserve generate --model tiny --prompt "Hello" --max-tokens 32 --temperature 0
 
 Client mode (`--server HOST:PORT`, added by the gateway): asks a running cluster instead; it shares
-the sampling arguments and `sampling_from_args` below and plugs in where `run` dispatches.
+the sampling arguments (commands/options.py) and plugs in where `run` dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
+from mlaserve.cluster.commands.options import (
+    add_auth_token_argument,
+    add_sampling_arguments,
+    sampling_from_args,
+)
 from mlaserve.worker.types import SamplingParams
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_prompt_and_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Prompt and sampling flags, shared by the offline and the client mode."""
     parser.add_argument(
         "--prompt",
@@ -27,15 +31,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="prompt text ('-' reads stdin); repeat for several prompts",
     )
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    parser.add_argument(
-        "--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible output)")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true", help="keep generating after the EOS token")
+    add_sampling_arguments(parser, max_tokens=64)
 
 
 def add_offline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,30 +60,13 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=None, help="deadline per request in seconds (--server)"
     )
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
-        help="bearer token for --server (default: MLASERVE_AUTH_TOKEN)",
-    )
+    add_auth_token_argument(parser, "bearer token for --server")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_sampling_arguments(parser)
+    add_prompt_and_sampling_arguments(parser)
     add_offline_arguments(parser)
     add_client_arguments(parser)
-
-
-def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    """SamplingParams from the flags; raises ValueError naming the bad one."""
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

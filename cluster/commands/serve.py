@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mlaserve.cluster.commands.options import add_auth_token_argument
 from mlaserve.cluster.router import POLICIES
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 from mlaserve.cluster.service import ServiceLimits
@@ -86,11 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-message-bytes", type=int, default=ServerConfig.max_message_bytes, help="largest gRPC message"
     )
     parser.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s, help="seconds")
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
-        help="require 'authorization: Bearer TOKEN' on Decoder RPCs (default: MLASERVE_AUTH_TOKEN; unset: open)",
-    )
+    add_auth_token_argument(parser, "require 'authorization: Bearer TOKEN' on Decoder RPCs (unset: open)")
     parser.add_argument("--log-level", default="INFO")
 
 

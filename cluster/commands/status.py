@@ -9,6 +9,8 @@ import sys
 
 import grpc
 
+from mlaserve.cluster.commands.options import add_auth_token_argument
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
@@ -20,11 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     parser.add_argument("--json", action="store_true", help="print the ClusterStatus message as JSON")
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get("MLASERVE_AUTH_TOKEN"),
-        help="bearer token (default: MLASERVE_AUTH_TOKEN)",
-    )
+    add_auth_token_argument(parser, "bearer token")
 
 
 async def _status(args: argparse.Namespace) -> int:
