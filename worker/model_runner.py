@@ -11,7 +11,8 @@ get_mla_metadata) and every layer shares it.
 
 Host -> device traffic: every integer input of a forward is built on the host as one int32 buffer
 and copied to the device in one transfer (pinned and asynchronous on CUDA), then viewed as the
-fields; nothing in the runner waits for the device.
+fields; the slots are checked against the cache size on the host, so nothing in the runner or
+the model's cache write waits for the device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .attention_metadata import AttentionMetadata
+from .attention_metadata import AttentionMetadata, CacheWrite
 from .config import PAGE_SIZE
 from .kernels import get_mla_metadata
 from .kv_cache import NUM_KV_HEADS, KVCache
@@ -60,10 +61,12 @@ class ForwardInputs:
     slot_mapping: torch.Tensor  # [b, s_q] int64, PAD_SLOT for padding
     cache_seqlens: torch.Tensor  # [b] int32
     block_table: torch.Tensor  # [b, max_pages] int32, right-padded with page 0
+    cache_write: CacheWrite  # slot_mapping checked on the host: [b * s_q] slots (+ the non-padding rows)
 
 
-def build_inputs(group: Sequence[ScheduledSeq], device: torch.device) -> ForwardInputs:
-    """Left-pads the group's new tokens to the longest and moves every field in one copy."""
+def build_inputs(group: Sequence[ScheduledSeq], device: torch.device, num_slots: int) -> ForwardInputs:
+    """Left-pads the group's new tokens to the longest and moves every field in one copy.
+    num_slots: the cache's slot count, which every slot is checked against here on the host."""
     b = len(group)
     s_q = max(s.num_new for s in group)
     width = max(len(s.page_table) for s in group)
@@ -87,17 +90,21 @@ def build_inputs(group: Sequence[ScheduledSeq], device: torch.device) -> Forward
         if len(pages) < width:
             table.extend([0] * (width - len(pages)))
     n = b * s_q
+    # rows of the new tokens that are written (only when some are padding)
+    rows = [r for r, slot in enumerate(slots) if slot != PAD_SLOT] if PAD_SLOT in slots else []
     wide, narrow = to_device(
-        torch.tensor(ids + pos + slots, dtype=torch.int64),  # [3n]
+        torch.tensor(ids + pos + slots + rows, dtype=torch.int64),  # [3n + m]
         torch.tensor(seqlens + table, dtype=torch.int32),  # [b + b * width]
         device,
     )
+    slot_mapping = wide[2 * n : 3 * n]  # [n]
     return ForwardInputs(
         input_ids=wide[:n].view(b, s_q),
         positions=wide[n : 2 * n].view(b, s_q),
-        slot_mapping=wide[2 * n :].view(b, s_q),
+        slot_mapping=slot_mapping.view(b, s_q),
         cache_seqlens=narrow[:b],
         block_table=narrow[b:].view(b, width),
+        cache_write=CacheWrite.from_host(slots, num_slots, slot_mapping, wide[3 * n :] if rows else None),
     )
 
 
@@ -179,7 +186,7 @@ class ModelRunner:
     def _forward(
         self, group: Sequence[ScheduledSeq]
     ) -> torch.Tensor:  # [b, 1, vocab] float32: last-token logits
-        inputs = build_inputs(group, self.device)
+        inputs = build_inputs(group, self.device, self.kv_cache.num_pages * PAGE_SIZE)
         s_q = inputs.input_ids.shape[1]
         tile_scheduler_metadata, num_splits = get_mla_metadata(
             inputs.cache_seqlens, s_q * self.num_heads // NUM_KV_HEADS, NUM_KV_HEADS
@@ -191,6 +198,7 @@ class ModelRunner:
             tile_scheduler_metadata=tile_scheduler_metadata,
             num_splits=num_splits,
             causal=True,
+            cache_write=inputs.cache_write,
         )
         self.num_forwards += 1
         return self.model.forward(

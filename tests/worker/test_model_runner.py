@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from mlaserve.worker.attention_metadata import CacheWrite
 from mlaserve.worker.config import PAGE_SIZE, CacheConfig, EngineConfig, SchedulerConfig
 from mlaserve.worker.engine import Engine
 from mlaserve.worker.kv_cache import KVCache
@@ -69,7 +70,7 @@ def test_build_inputs_left_pads(seed: int) -> None:
         n = rng.randint(1, 70)
         pages = tuple(rng.sample(range(100), -(-(start + n) // PAGE_SIZE)))
         group.append(ScheduledSeq(f"r{i}", tuple(rng.randrange(256) for _ in range(n)), start, pages, True))
-    x = build_inputs(group, torch.device("cpu"))
+    x = build_inputs(group, torch.device("cpu"), 100 * PAGE_SIZE)
     s_q = max(s.num_new for s in group)
     width = max(len(s.page_table) for s in group)
     assert x.input_ids.shape == x.positions.shape == x.slot_mapping.shape == (4, s_q)
@@ -82,6 +83,24 @@ def test_build_inputs_left_pads(seed: int) -> None:
         expect = [s.page_table[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(s.start, s.seqlen)]
         assert x.slot_mapping[i, pad:].tolist() == expect
         assert x.block_table[i].tolist() == list(s.page_table) + [0] * (width - len(s.page_table))
+    # the host-checked cache write equals the one the model derives from slot_mapping on the device
+    derived = CacheWrite.from_slot_mapping(x.slot_mapping, 100 * PAGE_SIZE)
+    assert torch.equal(x.cache_write.slots, derived.slots)
+    assert (x.cache_write.rows is None) == (derived.rows is None)
+    if derived.rows is not None:
+        assert torch.equal(x.cache_write.rows, derived.rows)
+    with pytest.raises(ValueError, match="slot_mapping holds slot"):
+        build_inputs(group, torch.device("cpu"), int(x.slot_mapping.max()))  # the top slot is one past
+
+
+def test_build_inputs_without_padding_writes_every_row(seed: int) -> None:
+    rng = random.Random(seed)
+    group = [
+        ScheduledSeq(f"r{i}", (rng.randrange(256),), 70, (rng.randrange(9), 9 + i), True) for i in range(3)
+    ]
+    x = build_inputs(group, torch.device("cpu"), 12 * PAGE_SIZE)
+    assert x.cache_write.rows is None
+    assert x.cache_write.slots.tolist() == [(9 + i) * PAGE_SIZE + 6 for i in range(3)]
 
 
 def test_padded_prefill_batch_equals_one_forward_per_sequence(tiny, seed: int) -> None:

@@ -12,13 +12,11 @@ A negative slot means "padding, do not write" (left-padded prefill batches).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .. import kernels
-from ..attention_metadata import AttentionMetadata
+from ..attention_metadata import AttentionMetadata, CacheWrite
 from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import RotaryEmbedding
@@ -98,30 +96,6 @@ class MLAttention(nn.Module):
         )  # [b, s_q, h, 512]
         o = torch.einsum("bshc,hvc->bshv", out.to(x.dtype), w_uv)  # [b, s_q, h, v]
         return self.o_proj(o.reshape(b, s, h * self.v_head_dim))
-
-
-@dataclass(frozen=True)
-class CacheWrite:
-    """Where this forward's new latent rows go; computed once per forward, shared by all layers."""
-
-    slots: torch.Tensor  # [n] int64: flat slot (page * 64 + offset) of each written row
-    rows: torch.Tensor | None  # [n] int64: which of the b * s_q new tokens to write; None = all of them
-
-    @classmethod
-    def from_slot_mapping(cls, slot_mapping: torch.Tensor, num_slots: int) -> CacheWrite:
-        """slot_mapping [b, s_q] int64; a negative slot marks padding (not written)."""
-        slots = slot_mapping.reshape(-1).to(torch.int64)
-        if slots.numel() == 0:
-            return cls(slots=slots, rows=None)
-        valid = slots >= 0
-        all_valid, top = torch.stack((valid.all().to(torch.int64), slots.max())).tolist()  # one host sync
-        if top >= num_slots:
-            raise ValueError(f"slot_mapping holds slot {top}, the cache has {num_slots} slots")
-        rows = None
-        if not all_valid:
-            rows = valid.nonzero().squeeze(1)
-            slots = slots.index_select(0, rows)
-        return cls(slots=slots, rows=rows)
 
 
 def write_latent(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention_metadata import AttentionMetadata
-from .attention import LATENT_DIM, CacheWrite, MLAttention
+from ..attention_metadata import AttentionMetadata, CacheWrite
+from .attention import LATENT_DIM, MLAttention
 from .config import ModelConfig
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
@@ -95,7 +95,9 @@ class DeepseekForCausalLM(nn.Module):
         attention reads the cache. With only_last, logits are computed for the last position only.
         """
         self._check_inputs(input_ids, positions, kv_caches)
-        cache_write = CacheWrite.from_slot_mapping(meta.slot_mapping, kv_caches[0].shape[0] * PAGE_SIZE)
+        cache_write = meta.cache_write or CacheWrite.from_slot_mapping(
+            meta.slot_mapping, kv_caches[0].shape[0] * PAGE_SIZE
+        )
         cos_sin = self.rotary.cos_sin(positions)
         x = self.model.embed_tokens(input_ids)  # [b, s_q, hidden]
         for layer, kv_cache in zip(self.model.layers, kv_caches):
