@@ -72,6 +72,22 @@ __device__ __forceinline__ void end_request(const DecodeParams& p, const Consume
   write_output(p, o, req, c.head_kv, slot, direct, c.w, c.lane, c.rg_a, out_a, out_b);
 }
 
+// end_request for schedules in which each consumer holds a partial row sum (its columns of S, or its
+// own pages) on a common running max: this thread's columns -> quad -> both consumers.
+__device__ __forceinline__ void end_request_summed(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
+                                                   const PartInfo& part, int req, const float (&o)[128],
+                                                   const RowState& st) {
+  const float l_a = quad_sum(st.l[0]), l_b = quad_sum(st.l[1]);
+  if ((c.lane & 3) == 0) {
+    s.row_sum[c.w][c.row_a] = l_a;
+    s.row_sum[c.w][c.row_a + 8] = l_b;
+  }
+  consumer_sync(kBarMax);
+  const float lt_a = l_a + s.row_sum[1 - c.w][c.row_a];
+  const float lt_b = l_b + s.row_sum[1 - c.w][c.row_a + 8];
+  end_request(p, c, part, req, o, st.m[0], st.m[1], lt_a, lt_b);
+}
+
 // ---- schedule kSplitS ---------------------------------------------------------------------------
 __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedStorage& s, const PartInfo& part,
                                                 const ConsumerCtx& c) {
@@ -113,16 +129,7 @@ __device__ __forceinline__ void consume_split_s(const DecodeParams& p, SharedSto
       EmptyBarrier::arrive(&s.empty_bar[stage]);
     }
 
-    // Row sums over all 64 keys: this thread's columns -> quad -> both warpgroups.
-    const float l_a = quad_sum(st.l[0]), l_b = quad_sum(st.l[1]);
-    if ((c.lane & 3) == 0) {
-      s.row_sum[c.w][c.row_a] = l_a;
-      s.row_sum[c.w][c.row_a + 8] = l_b;
-    }
-    consumer_sync(kBarMax);
-    const float lt_a = l_a + s.row_sum[1 - c.w][c.row_a];
-    const float lt_b = l_b + s.row_sum[1 - c.w][c.row_a + 8];
-    end_request(p, c, part, req, o, st.m[0], st.m[1], lt_a, lt_b);
+    end_request_summed(p, s, c, part, req, o, st);
   }
 }
 
@@ -310,16 +317,7 @@ __device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStor
       EmptyBarrier::arrive(&s.empty_bar[(it0 + n - 1) % kNumStages]);
     }
 
-    // Row sums: this thread's columns -> quad -> both consumers (each summed its own pages).
-    const float l_a = quad_sum(st.l[0]), l_b = quad_sum(st.l[1]);
-    if ((c.lane & 3) == 0) {
-      s.row_sum[c.w][c.row_a] = l_a;
-      s.row_sum[c.w][c.row_a + 8] = l_b;
-    }
-    consumer_sync(kBarMax);
-    const float lt_a = l_a + s.row_sum[1 - c.w][c.row_a];
-    const float lt_b = l_b + s.row_sum[1 - c.w][c.row_a + 8];
-    end_request(p, c, part, req, o, st.m[0], st.m[1], lt_a, lt_b);
+    end_request_summed(p, s, c, part, req, o, st);
     it0 += n;
   }
 }
