@@ -62,6 +62,9 @@ class Instrument:
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "compute_logits", "runner")
         self._wrap(engine.runner.model, "forward", "forward")
+        if engine.runner.decode_graphs is not None:  # a replayed graph calls no model.forward
+            self._wrap(engine.runner.decode_graphs, "forward", "forward")
+        self._active: set[str] = set()  # phases being timed (a nested call of the same phase is not)
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(kernels, "flash_mla_with_kvcache", "attention")  # the model calls it through the module
         for module in engine.runner.model.modules():
@@ -75,6 +78,15 @@ class Instrument:
         fn = getattr(obj, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if phase in self._active:  # e.g. model.forward inside a graph capture
+                return fn(*args, **kwargs)
+            self._active.add(phase)
+            try:
+                return timed_call(*args, **kwargs)
+            finally:
+                self._active.discard(phase)
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
             if self.sync is not None:
                 self.sync()
             t0 = time.perf_counter()
@@ -256,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.prefill_max_padding,
         help="padding allowance of batched prefills (EngineConfig.prefill_max_padding)",
     )
+    p.add_argument(
+        "--decode-graphs",
+        action="store_true",
+        help="decode forwards on static batch buckets, CUDA graphs on a GPU (EngineConfig.decode_graphs)",
+    )
     p.add_argument("--breakdown", action="store_true", help="CUDA: synchronise around each phase")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -285,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         **({"max_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}),
     )
     config = EngineConfig(
-        cache=CacheConfig(), scheduler=sched, seed=args.seed, prefill_max_padding=args.prefill_max_padding
+        cache=CacheConfig(),
+        scheduler=sched,
+        seed=args.seed,
+        prefill_max_padding=args.prefill_max_padding,
+        decode_graphs=args.decode_graphs,
     )
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
@@ -335,9 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("output tokens/s (prefill + decode)", f"{s.tokens_per_s:.1f}"),
         ("decode tokens/s", f"{1e3 * s.mean_decode_batch / s.decode_step_ms:.1f}" if s.decode_steps else "-"),
     ]
-    if step_bytes:
+    graphs = engine.runner.decode_graphs is not None
+    if graphs:  # the routers' choices are not observable inside a replayed graph
+        rows.append(
+            ("decode step bound", "run without --decode-graphs (routing is not observable in graphs)")
+        )
+    if step_bytes and not graphs:
         rows.append(("bytes read per decode step (MB)", f"{sum(step_bytes) / len(step_bytes) / 1e6:.1f}"))
-    if cuda and step_bytes:
+    if cuda and step_bytes and not graphs:
         bw = copy_bandwidth(engine.device)
         bound = [b / bw for b in step_bytes]
         mean_bound = sum(bound) / len(bound)

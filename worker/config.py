@@ -80,6 +80,9 @@ class EngineConfig:
     forward per prefill).
     prefill_max_padding: a prefill joins a batch while the batch's padding tokens stay within this
     multiple of its real tokens (0: only prefills with the same number of new tokens share one).
+    decode_graphs: decode forwards run on static buffers padded to a power-of-two batch bucket and,
+    on CUDA, are captured as one CUDA graph per bucket on first use (worker/decode_graphs.py; the
+    cache gets one scratch page for the padding rows). On the CPU the static path runs eagerly.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -88,6 +91,7 @@ class EngineConfig:
     seed: int = 0
     prefill_group_equal_lengths: bool = True
     prefill_max_padding: float = 0.0
+    decode_graphs: bool = False
     throughput_window_s: float = 10.0  # tokens/s in load() is measured over this window
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .config import PAGE_SIZE, EngineConfig
+from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .errors import RequestError
 from .kv_cache import KVCache
@@ -80,18 +81,35 @@ class Engine:
         self.vocab_size = int(model_config.vocab_size)
         model_len = int(model_config.max_position_embeddings)
         self._max_model_len = min(model_len, config.max_model_len) if config.max_model_len else model_len
-        self.kv_cache = KVCache.from_config(config.cache, int(model_config.num_hidden_layers), dtype, device)
+        self.kv_cache = KVCache.from_config(
+            config.cache,
+            int(model_config.num_hidden_layers),
+            dtype,
+            device,
+            scratch_page=config.decode_graphs,
+        )
         self.allocator = PageAllocator(
             self.kv_cache.num_pages, PAGE_SIZE, enable_prefix_caching=config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.sampler = Sampler(device, seed=config.seed)
+        num_heads = int(model_config.num_attention_heads)
+        decode_graphs = None
+        if config.decode_graphs:
+            decode_graphs = DecodeGraphs(
+                model,
+                num_heads,
+                self.kv_cache,
+                max_batch=config.scheduler.max_running_seqs,
+                max_pages=-(-self._max_model_len // PAGE_SIZE),
+            )
         self.runner = ModelRunner(
             model,
-            int(model_config.num_attention_heads),
+            num_heads,
             self.kv_cache,
             group_prefills=config.prefill_group_equal_lengths,
             max_padding=config.prefill_max_padding,
+            decode_graphs=decode_graphs,
         )
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id: int | None = (

@@ -58,26 +58,36 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         poison: bool = False,
+        scratch_page: bool = False,
     ) -> None:
         if num_layers < 1 or num_pages < 1:
             raise ValueError(f"num_layers and num_pages must be >= 1, got {num_layers}, {num_pages}")
         self.num_layers = num_layers
-        self.num_pages = num_pages
+        self.num_pages = num_pages  # pages the allocator hands out: 0 .. num_pages - 1
+        # one more physical page, in no page table: where padding rows of a static decode batch
+        # write their latents (worker/decode_graphs.py)
+        self.scratch_page: int | None = num_pages if scratch_page else None
         self.dtype = dtype
         self.device = torch.device(device)
         fill = float("nan") if poison else 0.0
-        self.layers: list[torch.Tensor] = [  # each [num_pages, 64, 1, 576]
-            torch.full((num_pages, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM), fill, dtype=dtype, device=self.device)
+        physical = num_pages + (1 if scratch_page else 0)
+        self.layers: list[torch.Tensor] = [  # each [num_pages (+ 1 scratch), 64, 1, 576]
+            torch.full((physical, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM), fill, dtype=dtype, device=self.device)
             for _ in range(num_layers)
         ]
 
     @classmethod
     def from_config(
-        cls, config: CacheConfig, num_layers: int, dtype: torch.dtype, device: torch.device | str
+        cls,
+        config: CacheConfig,
+        num_layers: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        scratch_page: bool = False,
     ) -> KVCache:
         device = torch.device(device)
         pages = num_pages_to_allocate(config, num_layers, dtype, device)
-        return cls(num_layers, pages, dtype, device, poison=config.poison_unused)
+        return cls(num_layers, pages, dtype, device, poison=config.poison_unused, scratch_page=scratch_page)
 
     @property
     def nbytes(self) -> int:

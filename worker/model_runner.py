@@ -25,6 +25,7 @@ import torch
 
 from .attention_metadata import AttentionMetadata, CacheWrite
 from .config import PAGE_SIZE
+from .decode_graphs import DecodeGraphs
 from .kernels import get_mla_metadata
 from .kv_cache import NUM_KV_HEADS, KVCache
 from .sampler import Sampler, SamplingState
@@ -135,6 +136,7 @@ class ModelRunner:
         kv_cache: KVCache,
         group_prefills: bool = True,
         max_padding: float = 0.0,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         if max_padding < 0:
             raise ValueError(f"max_padding must be >= 0, got {max_padding!r}")
@@ -144,6 +146,7 @@ class ModelRunner:
         self.device = kv_cache.device
         self.group_prefills = group_prefills
         self.max_padding = max_padding
+        self.decode_graphs = decode_graphs  # decode forwards on static buckets / CUDA graphs
         self.num_forwards = 0
 
     def forward_groups(self, plan: BatchPlan) -> list[list[ScheduledSeq]]:
@@ -186,6 +189,9 @@ class ModelRunner:
     def _forward(
         self, group: Sequence[ScheduledSeq]
     ) -> torch.Tensor:  # [b, 1, vocab] float32: last-token logits
+        if self.decode_graphs is not None and self.decode_graphs.supports(group):
+            self.num_forwards += 1
+            return self.decode_graphs.forward(group)
         inputs = build_inputs(group, self.device, self.kv_cache.num_pages * PAGE_SIZE)
         s_q = inputs.input_ids.shape[1]
         tile_scheduler_metadata, num_splits = get_mla_metadata(
