@@ -68,6 +68,21 @@ def test_serve_defaults_and_flags(monkeypatch):
     assert (args.port, args.metrics_port, args.policy, args.address) == (6000, 9090, "prefix", "auto")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert parse("serve", []).address == "10.0.0.1:6379"
+
+
+def test_serve_engine_flags_reach_the_pool_config():
+    from mlaserve.cluster.commands.serve import pool_config_from_args
+    from mlaserve.worker.config import EngineConfig
+
+    assert pool_config_from_args(parse("serve", [])).engine_kwargs == {}
+    config = pool_config_from_args(
+        parse("serve", ["--decode-graphs", "--num-pages", "96", "--dtype", "float32"])
+    )
+    assert config.engine_kwargs == {
+        "config": EngineConfig(decode_graphs=True),
+        "num_pages": 96,
+        "dtype": "float32",
+    }
     with pytest.raises(SystemExit):
         parse("serve", ["--policy", "random"])
 
