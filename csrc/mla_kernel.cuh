@@ -5,12 +5,14 @@
 // two-stage ring.
 // Warpgroups 0 and 1 are consumers (w = 0, 1); consumer w owns output columns
 // 256w..256w+255 (O += P V with wgmma m64n256k16, V = first 512 columns of the K page already in
-// smem, read transposed). Two consumer schedules (kSchedule):
+// smem, read transposed). Three consumer schedules (kSchedule):
 //   kSplitS: consumer w computes S for keys 32w..32w+31 (wgmma m64n32k16); the two exchange row
 //            maxima through smem and each writes half of P.
 //   kSoloS:  consumer 0 computes the whole S (wgmma m64n64k16), runs the softmax and writes P and the
 //            row rescale factors; consumer 1 only does its half of P V, which overlaps consumer 0's
 //            next S = Q K^T on the tensor cores.
+//   kSeesaw: the pages alternate between the consumers; each computes S and the softmax of its own
+//            pages and both add every page to their output half (see the section below).
 // Online softmax in fp32.
 #pragma once
 #include <cuda.h>
