@@ -12,6 +12,7 @@ same tiny model).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,21 +42,38 @@ MAX_TOKENS = 3  # the job's default; some lines ask for their own
 JOB_TIMEOUT_S = 240.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Every port `ray start` would otherwise pick by itself: a port Ray picks at random may be one this
+# test has chosen and released but Ray has not bound yet ("... is trying to use a port number N that
+# is used by other components"). (Worker ports stay in Ray's 10002-19999, below the ephemeral range.)
+PORT_OPTIONS = (
+    "port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
+    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+)  # fmt: skip
+START_ATTEMPTS = 3  # a port taken by another process between choosing and binding: choose again
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once while choosing, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass
 class RayHead:
-    """`ray start --head --block` with the dashboard on a free port and a token of its own."""
+    """`ray start --head --block` on ports of its own (dashboard included) and a token of its own."""
 
     dir: str  # short: Ray's socket paths live under its temp dir
     env: dict[str, str]  # what the head and every client of it see (auth token included)
     token: str
-    dashboard_url: str
+    ports: dict[str, int] = field(default_factory=dict)  # ray start option -> port
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard-port']}"
 
     def log(self) -> str:
         try:
@@ -64,13 +82,19 @@ class RayHead:
             return ""
 
     def start(self, timeout: float = 120.0) -> None:
-        dashboard_port = self.dashboard_url.rsplit(":", 1)[1]
+        for attempt in range(START_ATTEMPTS):
+            if self._start_once(timeout) or attempt == START_ATTEMPTS - 1:
+                break
+        assert self.proc is not None and self.proc.poll() is None, f"ray start exited:\n{self.log()}"
+
+    def _start_once(self, timeout: float) -> bool:
+        """Starts the head on fresh ports; False when it exited on a port conflict (try again)."""
+        self.ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
         cmd = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={_free_port()}",
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            *(f"--{option}={port}" for option, port in self.ports.items()),
             "--num-cpus=3", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.dir}",
-            "--disable-usage-stats", "--block",
+            f"--temp-dir={self.dir}", "--disable-usage-stats", "--block",
         ]  # fmt: skip
         with open(os.path.join(self.dir, "head.log"), "wb") as log:
             self.proc = subprocess.Popen(
@@ -78,9 +102,13 @@ class RayHead:
             )
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in self.log():
-            assert self.proc.poll() is None, f"ray start exited:\n{self.log()}"
+            if self.proc.poll() is not None:
+                with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                return "port number" not in self.log()  # a port conflict: the caller tries again
             assert time.monotonic() < deadline, f"the head did not start:\n{self.log()}"
             time.sleep(0.25)
+        return True
 
     def client(self, timeout: float = 60.0):  # -> JobSubmissionClient
         """A job client that sends this head's token itself (this process's Ray auth mode is
@@ -126,7 +154,6 @@ def ray_head() -> Iterator[RayHead]:
         dir=tempfile.mkdtemp(prefix="mlrj", dir="/tmp"),
         env=env,
         token=token,
-        dashboard_url=f"http://127.0.0.1:{_free_port()}",
     )
     try:
         head.start()
