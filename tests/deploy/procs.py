@@ -1,11 +1,42 @@
-"""Processes a test started, found and ended by process id (from /proc; no psutil, no `ray stop`)."""
+"""Processes a test started, found and ended by process id (from /proc; no psutil, no `ray stop`),
+and the ports a `ray start --head` of a test binds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import time
+
+# Every port `ray start --head` would otherwise pick by itself: a port Ray picks at random may be one
+# the test has chosen and released but Ray has not bound yet ("... is trying to use a port number N
+# that is used by other components"). (Worker ports stay in Ray's 10002-19999, below the ephemeral
+# range the kernel hands out for port 0.)
+RAY_HEAD_PORT_OPTIONS = (
+    "port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
+    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+)  # fmt: skip
+RAY_START_ATTEMPTS = 3  # a port taken by another process between choosing and binding: choose again
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once while choosing, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def ray_head_ports() -> dict[str, int]:
+    """`ray start` option -> a distinct free port, for every option in RAY_HEAD_PORT_OPTIONS."""
+    return dict(zip(RAY_HEAD_PORT_OPTIONS, free_ports(len(RAY_HEAD_PORT_OPTIONS)), strict=True))
+
+
+def ray_port_conflict(log: str) -> bool:
+    """True when a `ray start` log ends in Ray's refusal of a port (start again on new ports)."""
+    return "is trying to use a port number" in log
 
 
 def process_table() -> dict[int, tuple[str, int]]:

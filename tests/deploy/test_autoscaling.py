@@ -14,13 +14,13 @@ torn down by process id: never `ray stop`, which would kill every Ray cluster on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,18 +36,18 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.deploy.procs import descendants, reap  # noqa: E402
+from tests.deploy.procs import (  # noqa: E402
+    RAY_START_ATTEMPTS,
+    descendants,
+    ray_head_ports,
+    ray_port_conflict,
+    reap,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MAX_NODES = 3
 IDLE_TIMEOUT_MIN = 0.05  # 3 s: idle fake GPU nodes go away quickly
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_config(gcs_address: str, head_cpus: int) -> dict[str, Any]:
@@ -96,20 +96,24 @@ class FakeGpuCluster:
     def __init__(self, head_cpus: int = 2) -> None:
         self.head_cpus = head_cpus
         self.ip = ray._private.services.get_node_ip_address()
-        self.address = f"{self.ip}:{_free_port()}"
+        self.ports: dict[str, int] = {}
+        self.address = ""
         self.dir = tempfile.mkdtemp(prefix="mlsa", dir="/tmp")  # short: Ray's socket paths
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned: set[int] = set()
 
     def start(self) -> None:
+        """Starts the head on fresh ports (connect() waits for it)."""
+        self.ports = ray_head_ports()
+        self.address = f"{self.ip}:{self.ports['port']}"
         config_path = os.path.join(self.dir, "cluster.json")
         with open(config_path, "w") as f:
             json.dump(cluster_config(self.address, self.head_cpus), f)
         env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         env.pop("RAY_ADDRESS", None)
-        port = self.address.rsplit(":", 1)[1]
         cmd = [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+            *(f"--{option}={port}" for option, port in self.ports.items()),
             f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={config_path}",
             "--include-dashboard=false", f"--temp-dir={self.dir}", "--block",
         ]  # fmt: skip
@@ -122,8 +126,22 @@ class FakeGpuCluster:
         """Wait for `ray start` to report the head up, then join it (one ray.init: a failed early
         attempt can leave the driver unable to connect later)."""
         deadline = time.monotonic() + timeout
+        attempts = 1
         while "Ray runtime started" not in self.head_log():
-            assert self.proc is not None and self.proc.poll() is None, self.head_log()
+            assert self.proc is not None
+            if (
+                self.proc.poll() is not None
+                and ray_port_conflict(self.head_log())
+                and attempts < RAY_START_ATTEMPTS
+            ):
+                self.spawned |= descendants(self.proc.pid)
+                with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self._log.close()
+                self.start()  # new ports
+                attempts += 1
+                continue
+            assert self.proc.poll() is None, self.head_log()
             assert time.monotonic() < deadline, f"the head did not start:\n{self.head_log()}"
             time.sleep(0.25)
         ray.init(address=self.address, log_to_driver=False)

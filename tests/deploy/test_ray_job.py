@@ -19,7 +19,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,32 +32,19 @@ import pytest
 
 pytest.importorskip("ray.job_submission")
 
-from tests.deploy.procs import descendants, reap  # noqa: E402
+from tests.deploy.procs import (  # noqa: E402
+    RAY_START_ATTEMPTS,
+    descendants,
+    ray_head_ports,
+    ray_port_conflict,
+    reap,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 MODEL = "tiny"
 MAX_TOKENS = 3  # the job's default; some lines ask for their own
 JOB_TIMEOUT_S = 240.0
-
-
-# Every port `ray start` would otherwise pick by itself: a port Ray picks at random may be one this
-# test has chosen and released but Ray has not bound yet ("... is trying to use a port number N that
-# is used by other components"). (Worker ports stay in Ray's 10002-19999, below the ephemeral range.)
-PORT_OPTIONS = (
-    "port", "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-port",
-    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-)  # fmt: skip
-START_ATTEMPTS = 3  # a port taken by another process between choosing and binding: choose again
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once while choosing, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass
@@ -82,14 +68,14 @@ class RayHead:
             return ""
 
     def start(self, timeout: float = 120.0) -> None:
-        for attempt in range(START_ATTEMPTS):
-            if self._start_once(timeout) or attempt == START_ATTEMPTS - 1:
+        for attempt in range(RAY_START_ATTEMPTS):
+            if self._start_once(timeout) or attempt == RAY_START_ATTEMPTS - 1:
                 break
         assert self.proc is not None and self.proc.poll() is None, f"ray start exited:\n{self.log()}"
 
     def _start_once(self, timeout: float) -> bool:
         """Starts the head on fresh ports; False when it exited on a port conflict (try again)."""
-        self.ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
+        self.ports = ray_head_ports()
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
             *(f"--{option}={port}" for option, port in self.ports.items()),
@@ -105,7 +91,7 @@ class RayHead:
             if self.proc.poll() is not None:
                 with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                return "port number" not in self.log()  # a port conflict: the caller tries again
+                return not ray_port_conflict(self.log())  # a port conflict: the caller tries again
             assert time.monotonic() < deadline, f"the head did not start:\n{self.log()}"
             time.sleep(0.25)
         return True
