@@ -31,6 +31,12 @@ def tiny():
     return load_model("tiny", device="cpu", dtype=torch.float32)
 
 
+def _engine(loaded, config: EngineConfig, device: str, dtype: torch.dtype) -> Engine:
+    return Engine(
+        loaded.model, loaded.config, loaded.tokenizer, device=torch.device(device), dtype=dtype, config=config
+    )
+
+
 def test_bucket_sizes():
     assert bucket_sizes(1) == (1,)
     assert bucket_sizes(5) == (1, 2, 4, 8)
@@ -114,14 +120,7 @@ def test_engine_greedy_with_decode_graphs_equals_without(tiny, seed: int) -> Non
             scheduler=SchedulerConfig(max_batched_tokens=256, max_running_seqs=6),
             decode_graphs=decode_graphs,
         )
-        return Engine(
-            tiny.model,
-            tiny.config,
-            tiny.tokenizer,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            config=config,
-        )
+        return _engine(tiny, config, "cpu", torch.float32)
 
     plain = engine(False)
     rows = record_logits(plain)
@@ -164,14 +163,8 @@ def test_gpu_graph_replay_equals_eager(seed: int) -> None:
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outs, rows = {}, {}
     for use in (False, True):
-        config = EngineConfig(cache=CacheConfig(num_pages=64), decode_graphs=use)
-        engine = Engine(
-            loaded.model,
-            loaded.config,
-            loaded.tokenizer,
-            device=torch.device("cuda"),
-            dtype=torch.bfloat16,
-            config=config,
+        engine = _engine(
+            loaded, EngineConfig(cache=CacheConfig(num_pages=64), decode_graphs=use), "cuda", torch.bfloat16
         )
         if not use:
             rows = record_logits(engine)
