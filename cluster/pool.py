@@ -221,8 +221,15 @@ class WorkerPool:
         self._slots.clear()
 
     # --------------------------------------------------------------------------- status
-    async def status(self) -> list[WorkerStatus]:
-        """One row per worker id: its latest load (a placeholder while starting), alive, restarts."""
+    async def status(self, refresh_timeout_s: float = 2.0) -> list[WorkerStatus]:
+        """One row per worker id: its load (a placeholder while starting), alive, restarts. The live
+        workers' loads are polled first (waiting at most refresh_timeout_s; the last polled ones are
+        used past it), so a status asked right after a request already counts it."""
+        live = [s for s in self._slots.values() if s.state in (READY, DRAINING)]
+        if live and refresh_timeout_s > 0:
+            polls = asyncio.gather(*(self._poll_slot(s) for s in live), return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(polls, refresh_timeout_s)
         rows = []
         for wid in sorted(self._slots, key=lambda w: (len(w), w)):
             slot = self._slots[wid]

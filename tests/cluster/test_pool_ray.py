@@ -310,3 +310,30 @@ def test_drain_refuses_new_requests(pool, loop):
 
     deltas = loop.run_until_complete(main())
     assert deltas[-1].delta.finished and len(tokens_of(deltas)) == 20
+
+
+def test_status_polls_the_workers_first(pool, loop):
+    """status() asked right after a request counts it, even when the background poll is slow
+    (60 s here: without the refresh the row would still show the load of the loop's first poll)."""
+    cfg = PoolConfig(
+        model="tiny", num_workers=1, engine_kwargs={"num_pages": NUM_PAGES}, load_poll_interval_s=60.0
+    )
+    slow = WorkerPool(cfg)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        await slow.start()
+        try:
+            before = {s.worker_id: s.load for s in await slow.status(refresh_timeout_s=0)}
+            deltas = await consume(slow, GenerationRequest("counted", sp, prompt_token_ids=(5, 6, 7)))
+            stale = {s.worker_id: s.load for s in await slow.status(refresh_timeout_s=0)}
+            fresh = {s.worker_id: s.load for s in await slow.status()}
+            return before, deltas, stale, fresh
+        finally:
+            await slow.shutdown()
+
+    before, deltas, stale, fresh = loop.run_until_complete(main())
+    assert len(tokens_of(deltas)) == 12
+    (wid,) = fresh
+    assert fresh[wid].seq > stale[wid].seq >= before[wid].seq  # polled now, not by the sleeping loop
+    assert fresh[wid].tokens_per_s > 0.0
