@@ -12,7 +12,7 @@ t0=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; exit 1
 fi
-echo "build: $(( $(date +%s) - t0 )) s"; grep -E "registers|spill|arning" "$OUT/build.log" | sort | uniq | head -20
+echo "build: $(( $(date +%s) - t0 )) s"; grep -E "registers|spill|arning|Performance Loss" "$OUT/build.log" | sort | uniq | head -20
 so=$(python3 -c "import mlaserve.worker.kernels._C as m; print(m.__file__)")
 cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
 echo "SASS: $(grep -c HGMMA "$OUT/sass.txt") HGMMA, $(grep -cE 'LDL|STL' "$OUT/sass.txt") LDL/STL, $(grep -c UTMALDG "$OUT/sass.txt") UTMALDG"
