@@ -24,9 +24,8 @@ from .attention_metadata import AttentionMetadata, CacheWrite
 from .config import PAGE_SIZE
 from .kernels import get_mla_metadata
 from .kv_cache import NUM_KV_HEADS, KVCache
+from .model_runner import PAD_TOKEN_ID, host_inputs
 from .scheduler import ScheduledSeq
-
-PAD_TOKEN_ID = 0  # input id of a padding row (any valid id)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -146,23 +145,17 @@ class DecodeGraphs:
         """Writes the group's rows (then padding rows) into the bucket's buffer with one copy."""
         size, width = bucket.size, self.max_pages
         pad = size - len(group)
-        ids = [s.token_ids[0] for s in group] + [PAD_TOKEN_ID] * pad
-        positions = [s.start for s in group] + [0] * pad
-        slots = []
-        for s in group:
-            slot = s.page_table[s.start // PAGE_SIZE] * PAGE_SIZE + s.start % PAGE_SIZE
+        h = host_inputs(group, 1, width)
+        for s, slot in zip(group, h.slots, strict=True):
             if not 0 <= slot < self._num_slots:
                 raise ValueError(
                     f"slot {slot} of request {s.request_id!r} is outside the cache ({self._num_slots} slots)"
                 )
-            slots.append(slot)
-        slots += [self._scratch_slot] * pad
-        seqlens = [s.seqlen for s in group] + [0] * pad
-        table: list[int] = []
-        for s in group:
-            table.extend(s.page_table)
-            table.extend([0] * (width - len(s.page_table)))
-        table.extend([0] * (width * pad))
+        ids = h.ids + [PAD_TOKEN_ID] * pad
+        positions = h.positions + [0] * pad
+        slots = h.slots + [self._scratch_slot] * pad
+        seqlens = h.seqlens + [0] * pad
+        table = h.table + [0] * (width * pad)
         wide = torch.tensor(ids + positions + slots, dtype=torch.int64)  # [3B]
         narrow = torch.tensor(seqlens + table, dtype=torch.int32)  # [B + B * width]
         if bucket.copied is not None:

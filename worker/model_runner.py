@@ -19,17 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .attention_metadata import AttentionMetadata, CacheWrite
 from .config import PAGE_SIZE
-from .decode_graphs import DecodeGraphs
 from .kernels import get_mla_metadata
 from .kv_cache import NUM_KV_HEADS, KVCache
 from .sampler import Sampler, SamplingState
 from .scheduler import BatchPlan, ScheduledSeq
+
+if TYPE_CHECKING:  # decode_graphs builds its inputs with host_inputs below
+    from .decode_graphs import DecodeGraphs
 
 PAD_TOKEN_ID = 0  # input id of left padding (any valid id: padding rows are never written or read)
 PAD_SLOT = -1  # slot_mapping of left padding: not written
@@ -65,12 +67,19 @@ class ForwardInputs:
     cache_write: CacheWrite  # slot_mapping checked on the host: [b * s_q] slots (+ the non-padding rows)
 
 
-def build_inputs(group: Sequence[ScheduledSeq], device: torch.device, num_slots: int) -> ForwardInputs:
-    """Left-pads the group's new tokens to the longest and moves every field in one copy.
-    num_slots: the cache's slot count, which every slot is checked against here on the host."""
-    b = len(group)
-    s_q = max(s.num_new for s in group)
-    width = max(len(s.page_table) for s in group)
+@dataclass(frozen=True)
+class HostInputs:
+    """The integer fields of one forward, built on the host (row-major, b rows of s_q new tokens)."""
+
+    ids: list[int]  # [b * s_q]: left padding PAD_TOKEN_ID
+    positions: list[int]  # [b * s_q]: left padding 0
+    slots: list[int]  # [b * s_q]: cache slot of each new token, left padding PAD_SLOT
+    seqlens: list[int]  # [b]: cache length after this forward
+    table: list[int]  # [b * width]: page tables, right-padded with page 0
+
+
+def host_inputs(group: Sequence[ScheduledSeq], s_q: int, width: int) -> HostInputs:
+    """The group's new tokens left-padded to s_q, page tables right-padded to width."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -90,12 +99,23 @@ def build_inputs(group: Sequence[ScheduledSeq], device: torch.device, num_slots:
         table.extend(pages)
         if len(pages) < width:
             table.extend([0] * (width - len(pages)))
+    return HostInputs(ids, pos, slots, seqlens, table)
+
+
+def build_inputs(group: Sequence[ScheduledSeq], device: torch.device, num_slots: int) -> ForwardInputs:
+    """Left-pads the group's new tokens to the longest and moves every field in one copy.
+    num_slots: the cache's slot count, which every slot is checked against here on the host."""
+    b = len(group)
+    s_q = max(s.num_new for s in group)
+    width = max(len(s.page_table) for s in group)
+    h = host_inputs(group, s_q, width)
+    slots = h.slots
     n = b * s_q
     # rows of the new tokens that are written (only when some are padding)
     rows = [r for r, slot in enumerate(slots) if slot != PAD_SLOT] if PAD_SLOT in slots else []
     wide, narrow = to_device(
-        torch.tensor(ids + pos + slots + rows, dtype=torch.int64),  # [3n + m]
-        torch.tensor(seqlens + table, dtype=torch.int32),  # [b + b * width]
+        torch.tensor(h.ids + h.positions + slots + rows, dtype=torch.int64),  # [3n + m]
+        torch.tensor(h.seqlens + h.table, dtype=torch.int32),  # [b + b * width]
         device,
     )
     slot_mapping = wide[2 * n : 3 * n]  # [n]
