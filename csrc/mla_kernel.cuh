@@ -227,6 +227,13 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
   }
 }
 
+// Waits for this consumer's P V wgmmas (none other in flight) and releases the stage they read.
+__device__ __forceinline__ void release_after_pv(SharedStorage& s, float (&o)[128], int stage) {
+  cute::warpgroup_wait<0>();
+  fence_regs(o);
+  EmptyBarrier::arrive(&s.empty_bar[stage]);
+}
+
 // ---- schedule kSeesaw ---------------------------------------------------------------------------
 // The pages of a request alternate owners: consumer (j % 2) computes S = Q K^T of the request's page j,
 // its softmax, and writes P_j into that page's RoPE chunk (free once S_j is done) and the running row
@@ -283,15 +290,11 @@ __device__ __forceinline__ void seesaw_own_page(const DecodeParams& p, SharedSto
   cutlass::arch::fence_view_async_shared();
   consumer_arrive(static_cast<NamedBarrierId>(kBarPReady + (j & 1)));
   if constexpr (kOther) {  // the other page's P V is done: release its stage
-    cute::warpgroup_wait<0>();
-    fence_regs(o);
-    EmptyBarrier::arrive(&s.empty_bar[(it - 1) % kNumStages]);
+    release_after_pv(s, o, (it - 1) % kNumStages);
   }
   rescale_rows(o, alpha_a, alpha_b);
   pv_issue(o, s, stage, c.w, rope_chunk(s, stage));
-  cute::warpgroup_wait<0>();
-  fence_regs(o);
-  EmptyBarrier::arrive(&s.empty_bar[stage]);
+  release_after_pv(s, o, stage);
 }
 
 __device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStorage& s, const PartInfo& part,
@@ -314,9 +317,7 @@ __device__ __forceinline__ void consume_seesaw(const DecodeParams& p, SharedStor
     }
     if (((n - 1) & 1) != c.w) {  // the request's last page is the other consumer's
       seesaw_other_page(p, s, c, o, st, n - 1, it0 + n - 1, lo + n - 1, len);
-      cute::warpgroup_wait<0>();
-      fence_regs(o);
-      EmptyBarrier::arrive(&s.empty_bar[(it0 + n - 1) % kNumStages]);
+      release_after_pv(s, o, (it0 + n - 1) % kNumStages);
     }
 
     end_request_summed(p, s, c, part, req, o, st);
