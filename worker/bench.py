@@ -59,12 +59,12 @@ class Instrument:
         self.current = StepRecord()
         self.runner_time = 0.0
         self.routed: list[torch.Tensor] = []  # expert ids [T, k] of every MoE layer of the current step
+        self._active: set[str] = set()  # phases being timed (a nested call of the same phase is not)
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "compute_logits", "runner")
         self._wrap(engine.runner.model, "forward", "forward")
         if engine.runner.decode_graphs is not None:  # a replayed graph calls no model.forward
             self._wrap(engine.runner.decode_graphs, "forward", "forward")
-        self._active: set[str] = set()  # phases being timed (a nested call of the same phase is not)
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(kernels, "flash_mla_with_kvcache", "attention")  # the model calls it through the module
         for module in engine.runner.model.modules():
