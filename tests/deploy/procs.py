@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
+from collections.abc import Callable
 
 # Every port `ray start --head` would otherwise pick by itself: a port Ray picks at random may be one
 # the test has chosen and released but Ray has not bound yet ("... is trying to use a port number N
@@ -37,6 +39,32 @@ def ray_head_ports() -> dict[str, int]:
 def ray_port_conflict(log: str) -> bool:
     """True when a `ray start` log ends in Ray's refusal of a port (start again on new ports)."""
     return "is trying to use a port number" in log
+
+
+def start_ray_head(
+    launch: Callable[[dict[str, int]], subprocess.Popen[bytes]],
+    read_log: Callable[[], str],
+    timeout: float = 120.0,
+) -> None:
+    """Runs launch(ports) (`ray start --head --block` on those ports, in a process group of its own)
+    until its log says the head is up. A head that exits on a port conflict has its process group
+    killed and is launched again on new ports, up to RAY_START_ATTEMPTS times; any other exit, or
+    no start within timeout, fails with the log."""
+    for attempt in range(RAY_START_ATTEMPTS):
+        proc = launch(ray_head_ports())
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in read_log():
+            if proc.poll() is not None:
+                with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
+                    os.killpg(proc.pid, signal.SIGKILL)
+                assert ray_port_conflict(read_log()) and attempt + 1 < RAY_START_ATTEMPTS, (
+                    f"ray start exited:\n{read_log()}"
+                )
+                break
+            assert time.monotonic() < deadline, f"the head did not start:\n{read_log()}"
+            time.sleep(0.25)
+        else:
+            return
 
 
 def process_table() -> dict[int, tuple[str, int]]:

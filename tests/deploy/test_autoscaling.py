@@ -14,7 +14,6 @@ torn down by process id: never `ray stop`, which would kill every Ray cluster on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -30,19 +29,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.deploy.procs import (  # noqa: E402
-    RAY_START_ATTEMPTS,
-    descendants,
-    ray_head_ports,
-    ray_port_conflict,
-    reap,
-)
+from tests.deploy.procs import descendants, reap, start_ray_head  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -100,12 +93,18 @@ class FakeGpuCluster:
         self.address = ""
         self.dir = tempfile.mkdtemp(prefix="mlsa", dir="/tmp")  # short: Ray's socket paths
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
         self.spawned: set[int] = set()
 
     def start(self) -> None:
-        """Starts the head on fresh ports (connect() waits for it)."""
-        self.ports = ray_head_ports()
-        self.address = f"{self.ip}:{self.ports['port']}"
+        """Starts the head (retried on new ports after a port conflict) and waits until it is up."""
+        start_ray_head(self._launch, self.head_log)
+
+    def _launch(self, ports: dict[str, int]) -> subprocess.Popen[bytes]:
+        if self._log is not None:  # an earlier attempt's
+            self._log.close()
+        self.ports = ports
+        self.address = f"{self.ip}:{ports['port']}"
         config_path = os.path.join(self.dir, "cluster.json")
         with open(config_path, "w") as f:
             json.dump(cluster_config(self.address, self.head_cpus), f)
@@ -113,7 +112,7 @@ class FakeGpuCluster:
         env.pop("RAY_ADDRESS", None)
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-            *(f"--{option}={port}" for option, port in self.ports.items()),
+            *(f"--{option}={port}" for option, port in ports.items()),
             f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--autoscaling-config={config_path}",
             "--include-dashboard=false", f"--temp-dir={self.dir}", "--block",
         ]  # fmt: skip
@@ -121,29 +120,11 @@ class FakeGpuCluster:
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        return self.proc
 
-    def connect(self, timeout: float = 120.0) -> None:
-        """Wait for `ray start` to report the head up, then join it (one ray.init: a failed early
-        attempt can leave the driver unable to connect later)."""
-        deadline = time.monotonic() + timeout
-        attempts = 1
-        while "Ray runtime started" not in self.head_log():
-            assert self.proc is not None
-            if (
-                self.proc.poll() is not None
-                and ray_port_conflict(self.head_log())
-                and attempts < RAY_START_ATTEMPTS
-            ):
-                self.spawned |= descendants(self.proc.pid)
-                with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self._log.close()
-                self.start()  # new ports
-                attempts += 1
-                continue
-            assert self.proc.poll() is None, self.head_log()
-            assert time.monotonic() < deadline, f"the head did not start:\n{self.head_log()}"
-            time.sleep(0.25)
+    def connect(self) -> None:
+        """Join the started head (one ray.init: a failed early attempt can leave the driver unable
+        to connect later)."""
         ray.init(address=self.address, log_to_driver=False)
 
     def head_log(self) -> str:
@@ -165,7 +146,8 @@ class FakeGpuCluster:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         reap(self.spawned, timeout=15)  # e.g. fake nodes that left the process group
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -228,8 +210,8 @@ def fake_gpu_cluster() -> Iterator[FakeGpuCluster]:
     os.environ.pop("RAY_ADDRESS", None)
     _reload_ray_auth_settings()
     cluster = FakeGpuCluster()
-    cluster.start()
     try:
+        cluster.start()
         cluster.connect()
         yield cluster
     finally:

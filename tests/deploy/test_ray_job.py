@@ -12,7 +12,6 @@ same tiny model).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -32,13 +31,7 @@ import pytest
 
 pytest.importorskip("ray.job_submission")
 
-from tests.deploy.procs import (  # noqa: E402
-    RAY_START_ATTEMPTS,
-    descendants,
-    ray_head_ports,
-    ray_port_conflict,
-    reap,
-)
+from tests.deploy.procs import descendants, reap, start_ray_head  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -68,17 +61,13 @@ class RayHead:
             return ""
 
     def start(self, timeout: float = 120.0) -> None:
-        for attempt in range(RAY_START_ATTEMPTS):
-            if self._start_once(timeout) or attempt == RAY_START_ATTEMPTS - 1:
-                break
-        assert self.proc is not None and self.proc.poll() is None, f"ray start exited:\n{self.log()}"
+        start_ray_head(self._launch, self.log, timeout)
 
-    def _start_once(self, timeout: float) -> bool:
-        """Starts the head on fresh ports; False when it exited on a port conflict (try again)."""
-        self.ports = ray_head_ports()
+    def _launch(self, ports: dict[str, int]) -> subprocess.Popen[bytes]:
+        self.ports = ports
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-            *(f"--{option}={port}" for option, port in self.ports.items()),
+            *(f"--{option}={port}" for option, port in ports.items()),
             "--num-cpus=3", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--temp-dir={self.dir}", "--disable-usage-stats", "--block",
         ]  # fmt: skip
@@ -86,15 +75,7 @@ class RayHead:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in self.log():
-            if self.proc.poll() is not None:
-                with contextlib.suppress(ProcessLookupError):  # whatever it started before failing
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                return not ray_port_conflict(self.log())  # a port conflict: the caller tries again
-            assert time.monotonic() < deadline, f"the head did not start:\n{self.log()}"
-            time.sleep(0.25)
-        return True
+        return self.proc
 
     def client(self, timeout: float = 60.0):  # -> JobSubmissionClient
         """A job client that sends this head's token itself (this process's Ray auth mode is
