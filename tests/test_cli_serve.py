@@ -76,10 +76,10 @@ def test_serve_engine_flags_reach_the_pool_config():
 
     assert pool_config_from_args(parse("serve", [])).engine_kwargs == {}
     config = pool_config_from_args(
-        parse("serve", ["--decode-graphs", "--num-pages", "96", "--dtype", "float32"])
+        parse("serve", ["--eager-decode", "--num-pages", "96", "--dtype", "float32"])
     )
     assert config.engine_kwargs == {
-        "config": EngineConfig(decode_graphs=True),
+        "config": EngineConfig(decode_graphs=False),
         "num_pages": 96,
         "dtype": "float32",
     }

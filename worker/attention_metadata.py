@@ -66,3 +66,6 @@ class AttentionMetadata:
     # Where the new latent rows go, checked on the host by the model runner; None: the model derives it
     # from slot_mapping (and checks it on the device, one host sync per forward).
     cache_write: CacheWrite | None = None
+    # [b * s_q] bool: False for padding rows of a decode bucket, whose MoE routing then reuses experts
+    # that real rows use (no extra expert weights read); None: every row is real.
+    token_mask: torch.Tensor | None = None

@@ -1,19 +1,27 @@
-"""Engine step benchmark: where one decode step's time goes, and how far it is from the roofline.
+"""Engine benchmark: decode step time against the bandwidth bound, GPU-busy time, TTFT and inter-token
+latency, swept over batch sizes.
 
     python -m mlaserve.worker.bench --model tiny --batch 32 --prompt-len 128 --max-tokens 32
-    python -m mlaserve.worker.bench --model deepseek-v2-lite --batch 64 --breakdown   # on a GPU
+    python -m mlaserve.worker.bench --model deepseek-v2-lite --batch 1,16,64,128,256 \\
+        --prompt-len 512 --max-tokens 128                                       # on a GPU
 
-Runs `--batch` random prompts of `--prompt-len` tokens, greedy with ignore_eos, for `--max-tokens`
-tokens each (after a short warm-up on other prompts), and prints the prefill steps, the decode
-steps and the mean decode step split into schedule / prepare (the runner around the model) /
-forward (the model) / sample / postprocess (scheduler update, stop rules, text).
+For each batch size B: B random prompts of --prompt-len tokens (--varlen: uniform in [P/2, P]),
+greedy, ignore_eos, --max-tokens each, all added at once to one engine (the same engine for every
+B, built once; its decode graphs are captured at start-up). A warm-up on other prompts runs first.
 
-Phases are timed by wrapping the engine's parts from outside (nothing in the engine changes). On
-CUDA the phases are host times unless `--breakdown` synchronises the device around each one
-(which itself slows the step): without it, launched GPU work surfaces at the first host sync, in
-sample. On CUDA the bound of a decode step is (weight bytes read + latent-cache bytes read) /
-the bandwidth of a large device-to-device copy measured in the same run; weight bytes count the
-routed experts each MoE layer actually used in that step (recorded from the routers).
+Per row:
+- decode step: mean wall time of the steady decode steps (engine.step() calls whose launched step
+  and the step read back are both decode-only), decode tok/s = rows / step time;
+- GPU busy: CUDA-event time from the start to the end of each steady step's device work (the
+  launch is queued behind the step before it, so this is the GPU's time for the step); the rest of
+  the wall time is the GPU waiting for the host;
+- bound: (dense weights + embedding rows + expected routed experts hit + latent cache read) / the
+  bandwidth of a 1 GiB device-to-device copy measured in the same run. The routed experts a decode
+  step of b rows hits are not observable inside a replayed graph, so they are the expectation
+  Σ_layers Σ_e 1 - (1 - k·p_e)^b under the expert frequencies p_e the routers showed during the
+  eager prefills of the same workload (with --no-graphs the decode steps' real hits are printed
+  beside it);
+- TTFT (add to first token) and inter-token latency (gaps between a stream's token deltas), p50/p99.
 """
 
 from __future__ import annotations
@@ -28,103 +36,95 @@ from typing import Any
 
 import torch
 
-from . import kernels
 from .config import CacheConfig, EngineConfig, SchedulerConfig
 from .engine import Engine
 from .kv_cache import HEAD_DIM, NUM_KV_HEADS
 from .model.presets import PRESETS
 from .types import SamplingParams
 
-PHASES = ("schedule", "prepare", "forward", "attention", "sample", "postprocess")  # attention: inside forward
+
+@dataclass
+class LaunchRecord:
+    """One launched step: its shape and, on CUDA, events around its device work."""
+
+    decode_only: bool
+    rows: int
+    kv_tokens: int  # latents the step's attention reads (every row's length after the step)
+    start: Any = None  # torch.cuda.Event
+    end: Any = None
 
 
 @dataclass
 class StepRecord:
-    """One engine step: its phases (seconds), wall time and what it computed."""
-
-    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    wall: float = 0.0
-    prefill: bool = False
-    batch: int = 0  # sequences computed
-    tokens: int = 0  # tokens sampled
-    kv_tokens: int = 0  # cached latents attention read (every sequence's length after the step)
+    wall: float
+    launched: LaunchRecord | None
+    read: LaunchRecord | None  # the step whose tokens this step() returned (overlap: the one before)
+    deltas: list[Any]  # the RequestDeltas step() returned
 
 
-class Instrument:
-    """Wraps the engine's scheduler, runner, model and sampler (instance attributes) to time them."""
+class Recorder:
+    """Wraps the engine's runner.launch and step (instance attributes) to time them."""
 
-    def __init__(self, engine: Engine, sync: Callable[[], None] | None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.sync = sync
-        self.current = StepRecord()
-        self.runner_time = 0.0
-        self.routed: list[torch.Tensor] = []  # expert ids [T, k] of every MoE layer of the current step
-        self._active: set[str] = set()  # phases being timed (a nested call of the same phase is not)
-        self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.runner, "compute_logits", "runner")
-        self._wrap(engine.runner.model, "forward", "forward")
-        if engine.runner.decode_graphs is not None:  # a replayed graph calls no model.forward
-            self._wrap(engine.runner.decode_graphs, "forward", "forward")
-        self._wrap(engine.sampler, "sample", "sample")
-        self._wrap(kernels, "flash_mla_with_kvcache", "attention")  # the model calls it through the module
-        for module in engine.runner.model.modules():
-            if type(module).__name__ == "Router":
-                module.register_forward_hook(self._record_routing)
+        self.cuda = engine.device.type == "cuda"
+        self.launches: list[LaunchRecord] = []
+        self._last: LaunchRecord | None = None
+        self.routing: dict[int, torch.Tensor] = {}  # MoE layer -> expert counts [E] of eager forwards
+        self.decode_hits: list[int] = []  # experts hit by each eager decode forward (all layers)
+        self._forward_hits = 0
+        self._decoding = False
+        launch = engine.runner.launch
 
-    def _record_routing(self, module: Any, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.routed.append(output[1])
-
-    def _wrap(self, obj: Any, method: str, phase: str) -> None:
-        fn = getattr(obj, method)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if phase in self._active:  # e.g. model.forward inside a graph capture
-                return fn(*args, **kwargs)
-            self._active.add(phase)
-            try:
-                return timed_call(*args, **kwargs)
-            finally:
-                self._active.discard(phase)
-
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            if self.sync is not None:
-                self.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if self.sync is not None:
-                self.sync()
-            elapsed = time.perf_counter() - t0
-            if phase == "runner":
-                self.runner_time += elapsed
-            else:
-                self.current.phases[phase] += elapsed
-            if phase == "schedule":
-                plan = out
-                self.current.prefill = bool(plan.prefills)
-                self.current.batch = len(plan.seqs)
-                self.current.kv_tokens = sum(s.seqlen for s in plan.seqs)
+        def timed_launch(plan: Any, *args: Any, **kwargs: Any) -> Any:
+            rec = LaunchRecord(not plan.prefills, len(plan.seqs), sum(s.seqlen for s in plan.seqs))
+            self._decoding = rec.decode_only
+            self._forward_hits = 0
+            if self.cuda:
+                rec.start = torch.cuda.Event(enable_timing=True)
+                rec.end = torch.cuda.Event(enable_timing=True)
+                rec.start.record()
+            out = launch(plan, *args, **kwargs)
+            if self.cuda:
+                rec.end.record()
+            if rec.decode_only and self._forward_hits:
+                self.decode_hits.append(self._forward_hits)
+            self._last = rec
+            self.launches.append(rec)
             return out
 
-        setattr(obj, method, timed)
+        engine.runner.launch = timed_launch  # type: ignore[method-assign]
+        for i, module in enumerate(m for m in engine.runner.model.modules() if type(m).__name__ == "Router"):
+            module.register_forward_hook(self._routing_hook(i))
+
+    def _routing_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: Any, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+            ids = output[1]  # [T, k]
+            if self._decoding:
+                self._forward_hits += int(ids.unique().numel())
+                return
+            counts = torch.bincount(ids.flatten(), minlength=module.moe.n_routed_experts).float().cpu()
+            self.routing[layer] = self.routing.get(layer, torch.zeros_like(counts)) + counts
+
+        return hook
 
     def step(self) -> StepRecord:
-        """Runs engine.step() once and returns its record."""
-        self.current = StepRecord()
-        self.runner_time = 0.0
-        self.routed = []
-        if self.sync is not None:
-            self.sync()
+        before = self._last
+        n = len(self.launches)
         t0 = time.perf_counter()
         deltas = self.engine.step()
-        if self.sync is not None:
-            self.sync()
-        rec = self.current
-        rec.wall = time.perf_counter() - t0
-        rec.tokens = sum(len(d.token_ids) for d in deltas)
-        p = rec.phases
-        p["prepare"] = self.runner_time - p["forward"]
-        p["postprocess"] = rec.wall - p["schedule"] - self.runner_time - p["sample"]
-        return rec
+        wall = time.perf_counter() - t0
+        launched = self.launches[-1] if len(self.launches) > n else None
+        read = before if self.engine.config.overlap else launched
+        return StepRecord(wall, launched, read, deltas)
+
+    def expected_expert_hits(self, rows: int, k: int) -> float:
+        """Σ over MoE layers of the expected number of experts `rows` tokens hit."""
+        total = 0.0
+        for counts in self.routing.values():
+            p = counts / counts.sum().clamp(min=1)  # share of routing slots per expert
+            total += float((1 - (1 - (k * p).clamp(max=1)) ** rows).sum())
+        return total
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class ByteModel:
     embed_row_bytes: int  # one row of the embedding table (one per computed token)
     expert_bytes: int  # one routed expert (gate_up + down)
     kv_token_bytes: int  # one cached latent across all layers
+    experts_per_token: int  # k of the routers (0 without MoE)
 
     @classmethod
     def of(cls, engine: Engine) -> ByteModel:
@@ -153,20 +154,21 @@ class ByteModel:
                 dense += p.numel() * p.element_size()
         num_moe = sum(1 for m in model.modules() if type(m).__name__ == "Experts")
         kv = engine.kv_cache.num_layers * NUM_KV_HEADS * HEAD_DIM * engine.kv_cache.layers[0].element_size()
+        moe = getattr(model.config, "moe", None)
         return cls(
             dense_bytes=dense,
             embed_row_bytes=embed.shape[1] * embed.element_size(),
             expert_bytes=expert // max(num_moe, 1),
             kv_token_bytes=kv,
+            experts_per_token=int(moe.num_experts_per_tok) if num_moe and moe is not None else 0,
         )
 
-    def step_bytes(self, rec: StepRecord, routed: Sequence[torch.Tensor]) -> int:
-        experts_hit = sum(int(ids.unique().numel()) for ids in routed)
+    def step_bytes(self, rows: int, kv_tokens: float, experts_hit: float) -> float:
         return (
             self.dense_bytes
-            + rec.batch * self.embed_row_bytes
+            + rows * self.embed_row_bytes
             + experts_hit * self.expert_bytes
-            + rec.kv_tokens * self.kv_token_bytes
+            + kv_tokens * self.kv_token_bytes
         )
 
 
@@ -190,61 +192,56 @@ def random_prompts(
     return [[rng.randrange(vocab) for _ in range(k)] for k in lengths]
 
 
-def run_workload(
-    inst: Instrument,
-    prompts: Sequence[Sequence[int]],
-    max_tokens: int,
-    tag: str,
-    on_step: Callable[[StepRecord], None] | None = None,
-) -> list[StepRecord]:
-    """Adds every prompt (greedy, ignore_eos) and steps the engine until all are done."""
-    engine = inst.engine
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+@dataclass
+class Row:
+    """One batch size's results."""
+
+    batch: int
+    steps: list[StepRecord] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # s
+    itl: list[float] = field(default_factory=list)  # s
+    output_tokens: int = 0
+    wall: float = 0.0
+
+    def steady(self) -> list[StepRecord]:
+        return [
+            s
+            for s in self.steps
+            if s.launched is not None and s.launched.decode_only and s.read is not None and s.read.decode_only
+        ]
+
+
+def run_batch(rec: Recorder, prompts: Sequence[Sequence[int]], max_tokens: int, tag: str) -> Row:
+    """Adds every prompt at once (greedy, ignore_eos) and steps the engine until all are done."""
+    engine = rec.engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    row = Row(len(prompts))
+    t_start = time.perf_counter()
+    last: dict[str, float] = {}
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
-    records = []
     while engine.has_unfinished():
-        rec = inst.step()
-        records.append(rec)
-        if on_step is not None:
-            on_step(rec)
-    return records
-
-
-@dataclass(frozen=True)
-class Summary:
-    prefill_steps: int
-    prefill_s: float
-    decode_steps: int
-    decode_s: float
-    mean_decode_batch: float
-    phases_ms: dict[str, float]  # mean per decode step
-    output_tokens: int
-    total_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.total_s if self.total_s else 0.0
-
-    @property
-    def decode_step_ms(self) -> float:
-        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
-
-
-def summarize(records: Sequence[StepRecord]) -> Summary:
-    prefills = [r for r in records if r.prefill]
-    decodes = [r for r in records if not r.prefill and r.batch]
-    n = max(len(decodes), 1)
-    return Summary(
-        prefill_steps=len(prefills),
-        prefill_s=sum(r.wall for r in prefills),
-        decode_steps=len(decodes),
-        decode_s=sum(r.wall for r in decodes),
-        mean_decode_batch=sum(r.batch for r in decodes) / n,
-        phases_ms={k: 1e3 * sum(r.phases[k] for r in decodes) / n for k in PHASES},
-        output_tokens=sum(r.tokens for r in records),
-        total_s=sum(r.wall for r in records),
-    )
+        step = rec.step()
+        now = time.perf_counter()
+        row.steps.append(step)
+        for d in step.deltas:
+            if not d.token_ids:
+                continue
+            row.output_tokens += len(d.token_ids)
+            if d.request_id in last:
+                row.itl.append(now - last[d.request_id])
+            else:
+                row.ttft.append(now - t_start)
+            last[d.request_id] = now
+    row.wall = time.perf_counter() - t_start
+    return row
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="preset name or checkpoint directory (default tiny)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when available)")
     p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, float32 on the CPU")
-    p.add_argument("--batch", type=int, default=32, help="requests, all added at once")
+    p.add_argument("--batch", default="32", help="batch sizes, comma-separated (default 32)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument(
@@ -269,44 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="padding allowance of batched prefills (EngineConfig.prefill_max_padding)",
     )
     p.add_argument(
-        "--decode-graphs",
-        action="store_true",
-        help="decode forwards on static batch buckets, CUDA graphs on a GPU (EngineConfig.decode_graphs)",
+        "--no-graphs", action="store_true", help="eager decode forwards (EngineConfig.decode_graphs=False)"
     )
-    p.add_argument("--breakdown", action="store_true", help="CUDA: synchronise around each phase")
+    p.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="every step waits for its tokens (EngineConfig.overlap=False)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--batch must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"--batch values must be >= 1, got {text!r}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _positive(args, "batch", "prompt_len", "max_tokens", "num_pages", "max_batched_tokens", "threads")
+    batches = _batches(args.batch)
+    for name in ("prompt_len", "max_tokens", "num_pages", "max_batched_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else None
+    on_cpu = device.type == "cpu" if device else not torch.cuda.is_available()
     num_pages = args.num_pages
-    if num_pages is None and (
-        device is None and not torch.cuda.is_available() or device and device.type == "cpu"
-    ):
+    if num_pages is None and on_cpu:
         per_seq = -(-(args.prompt_len + args.max_tokens) // 64)
-        num_pages = 2 * args.batch * per_seq  # room for the warm-up's prefix-cached pages too
+        num_pages = 2 * max(batches) * per_seq  # room for the warm-up's prefix-cached pages too
     sched = SchedulerConfig(
-        max_running_seqs=max(args.batch, SchedulerConfig.max_running_seqs),
+        max_running_seqs=max(max(batches), 4),
         **({"max_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}),
     )
     config = EngineConfig(
-        cache=CacheConfig(),
+        cache=CacheConfig(enable_prefix_caching=False),  # random prompts: no hits, no cached pages kept
         scheduler=sched,
         seed=args.seed,
         prefill_max_padding=args.prefill_max_padding,
-        decode_graphs=args.decode_graphs,
+        decode_graphs=False if args.no_graphs else None,
+        overlap=not args.no_overlap,
     )
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
@@ -314,67 +320,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     load_s = time.perf_counter() - t0
     cuda = engine.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(engine.device)) if cuda and args.breakdown else None
-    inst = Instrument(engine, sync)
+    rec = Recorder(engine)
     rng = random.Random(args.seed)
     vocab = 256 if args.model in PRESETS else engine.vocab_size  # presets: byte tokens
-    run_workload(inst, random_prompts(rng, min(args.batch, 4), args.prompt_len, vocab), 2, "warmup")
+    run_batch(rec, random_prompts(rng, min(max(batches), 4), args.prompt_len, vocab), 3, "warmup")
     bytes_model = ByteModel.of(engine)
-    step_bytes: list[int] = []
-    decode_wall: list[float] = []
-
-    def account(rec: StepRecord) -> None:
-        if not rec.prefill and rec.batch:
-            step_bytes.append(bytes_model.step_bytes(rec, inst.routed))
-            decode_wall.append(rec.wall)
-
-    prompts = random_prompts(rng, args.batch, args.prompt_len, vocab, args.varlen)
-    forwards_before = engine.runner.num_forwards
-    engine_records = run_workload(inst, prompts, args.max_tokens, "bench", account)
-    s = summarize(engine_records)
+    bw = copy_bandwidth(engine.device) if cuda else None
 
     from .kernels import backend
 
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None  # the engine always runs decodes on its persistent batch
     print(
         f"model {args.model} on {engine._device_name} ({engine.dtype}, kernel backend {backend()}, "
-        f"{torch.get_num_threads()} CPU threads); load {load_s:.1f} s"
+        f"{torch.get_num_threads()} CPU threads); load + graph capture {load_s:.1f} s"
     )
     print(
-        f"workload: {args.batch} requests x {'up to ' if args.varlen else ''}{args.prompt_len} prompt tokens, {args.max_tokens} output tokens, "
-        f"greedy, ignore_eos; {engine.runner.num_forwards - forwards_before} model forwards"
+        f"decode: {'CUDA graphs, buckets ' + ','.join(map(str, graphs.buckets)) if graphs.use_graphs else 'eager'}; "
+        f"{'overlapped' if engine.config.overlap else 'waiting'} steps; workload per row: B requests x "
+        f"{'up to ' if args.varlen else ''}{args.prompt_len} prompt tokens, {args.max_tokens} output tokens, greedy, ignore_eos"
     )
-    mode = "synchronised" if sync else ("host times, no sync" if cuda else "CPU")
-    rows = [
-        ("prefill steps", f"{s.prefill_steps}"),
-        ("prefill time (s)", f"{s.prefill_s:.3f}"),
-        ("decode steps", f"{s.decode_steps} (mean batch {s.mean_decode_batch:.1f})"),
-        ("decode step (ms)", f"{s.decode_step_ms:.2f}"),
-    ]
-    rows += [(f"  {k} (ms, {mode})", f"{v:.2f}") for k, v in s.phases_ms.items()]
-    rows += [
-        ("output tokens", f"{s.output_tokens}"),
-        ("output tokens/s (prefill + decode)", f"{s.tokens_per_s:.1f}"),
-        ("decode tokens/s", f"{1e3 * s.mean_decode_batch / s.decode_step_ms:.1f}" if s.decode_steps else "-"),
-    ]
-    graphs = engine.runner.decode_graphs is not None
-    if graphs:  # the routers' choices are not observable inside a replayed graph
-        rows.append(
-            ("decode step bound", "run without --decode-graphs (routing is not observable in graphs)")
+    if bw is not None:
+        print(f"copy bandwidth (same run): {bw / 1e9:.0f} GB/s")
+    header = (
+        "| B | decode step ms | GPU busy ms | decode tok/s | bound ms | of bound | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | output tok/s | experts hit / step (expected; measured) |"
+    )
+    print(header)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for b in batches:
+        rec.decode_hits.clear()
+        row = run_batch(
+            rec, random_prompts(rng, b, args.prompt_len, vocab, args.varlen), args.max_tokens, f"b{b}"
         )
-    if step_bytes and not graphs:
-        rows.append(("bytes read per decode step (MB)", f"{sum(step_bytes) / len(step_bytes) / 1e6:.1f}"))
-    if cuda and step_bytes and not graphs:
-        bw = copy_bandwidth(engine.device)
-        bound = [b / bw for b in step_bytes]
-        mean_bound = sum(bound) / len(bound)
-        rows += [
-            ("copy bandwidth (GB/s)", f"{bw / 1e9:.0f}"),
-            ("decode step bound (ms)", f"{1e3 * mean_bound:.2f}"),
-            ("fraction of bound achieved", f"{sum(bound) / sum(decode_wall):.3f}"),
-        ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+        if cuda:
+            torch.cuda.synchronize(engine.device)
+        steady = row.steady()
+        if not steady:
+            print(f"| {b} | (no steady decode step: raise --max-tokens) |")
+            continue
+        step_ms = 1e3 * sum(s.wall for s in steady) / len(steady)
+        rows = sum(s.launched.rows for s in steady if s.launched) / len(steady)
+        busy = (
+            f"{sum(s.launched.start.elapsed_time(s.launched.end) for s in steady if s.launched) / len(steady):.2f}"
+            if cuda
+            else "-"
+        )
+        k = bytes_model.experts_per_token
+        expected = rec.expected_expert_hits(round(rows), k) if k else 0.0
+        measured = sum(rec.decode_hits) / len(rec.decode_hits) if rec.decode_hits else None
+        kv = sum(s.launched.kv_tokens for s in steady if s.launched) / len(steady)
+        bound_ms = 1e3 * bytes_model.step_bytes(round(rows), kv, expected) / bw if bw else None
+        hits = f"{expected:.0f}" + (f"; {measured:.0f}" if measured is not None else "")
+        print(
+            f"| {b} | {step_ms:.2f} | {busy} | {1e3 * rows / step_ms:.0f} | "
+            f"{f'{bound_ms:.2f}' if bound_ms else '-'} | {f'{bound_ms / step_ms:.2f}' if bound_ms else '-'} | "
+            f"{1e3 * percentile(row.ttft, 50):.0f} / {1e3 * percentile(row.ttft, 99):.0f} | "
+            f"{1e3 * percentile(row.itl, 50):.1f} / {1e3 * percentile(row.itl, 99):.1f} | "
+            f"{row.output_tokens / row.wall:.0f} | {hits} |"
+        )
+        sys.stdout.flush()
     return 0
 
 

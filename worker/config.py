@@ -7,6 +7,7 @@ objects by the code that measures them; nothing here is ever written back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 PAGE_SIZE = 64  # tokens per page of the latent cache (fixed by the kernel)
 
@@ -80,9 +81,12 @@ class EngineConfig:
     forward per prefill).
     prefill_max_padding: a prefill joins a batch while the batch's padding tokens stay within this
     multiple of its real tokens (0: only prefills with the same number of new tokens share one).
-    decode_graphs: decode forwards run on static buffers padded to a power-of-two batch bucket and,
-    on CUDA, are captured as one CUDA graph per bucket on first use (worker/decode_graphs.py; the
-    cache gets one scratch page for the padding rows). On the CPU the static path runs eagerly.
+    decode_graphs: decode forwards run on the persistent decode batch (worker/decode_batch.py) and
+    are replayed as CUDA graphs, one per batch bucket, all captured when the engine starts
+    (worker/decode_graphs.py). None (default): on CUDA devices; False: eager forwards on the same
+    buffers (the CPU always runs eagerly; True there is an error).
+    overlap: step() launches step N + 1 before it reads step N's tokens (the default; see
+    worker/engine.py). False: every step() waits for its own tokens.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -91,7 +95,8 @@ class EngineConfig:
     seed: int = 0
     prefill_group_equal_lengths: bool = True
     prefill_max_padding: float = 0.0
-    decode_graphs: bool = False
+    decode_graphs: bool | None = None
+    overlap: bool = True
     throughput_window_s: float = 10.0  # tokens/s in load() is measured over this window
 
     def __post_init__(self) -> None:
@@ -101,3 +106,10 @@ class EngineConfig:
             raise ValueError(f"prefill_max_padding must be >= 0, got {self.prefill_max_padding!r}")
         if self.throughput_window_s <= 0:
             raise ValueError(f"throughput_window_s must be > 0, got {self.throughput_window_s!r}")
+
+    def use_decode_graphs(self, device: Any) -> bool:
+        """Whether decode forwards replay CUDA graphs on `device` (a torch.device)."""
+        cuda = getattr(device, "type", None) == "cuda"
+        if self.decode_graphs and not cuda:
+            raise ValueError(f"decode_graphs=True needs a CUDA device, the engine runs on {device}")
+        return cuda if self.decode_graphs is None else self.decode_graphs

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 _CONTEXT_TOKENS = 6  # prompt tokens kept as decoding context for the first output tokens
+_MAX_HELD_TOKENS = 8  # tokens held without text (an unfinished character takes at most 4 bytes)
 _INCOMPLETE = "\ufffd"
 
 
@@ -79,10 +80,17 @@ class IncrementalDetokenizer:
         decode = self._tokenizer.decode
         before = decode(self._ids[self._prefix_offset : self._read_offset])
         after = decode(self._ids[self._prefix_offset :])
-        if len(after) > len(before) and (final or not after.endswith(_INCOMPLETE)):
+        held = len(self._ids) - self._read_offset  # tokens whose text is not out yet
+        grew = len(after) > len(before)
+        # An unfinished character waits for its next bytes, but not forever; tokens that decode to
+        # nothing become context once more than _MAX_HELD_TOKENS wait. Either way each step decodes
+        # a bounded window, not an ever longer tail.
+        if grew and (final or not after.endswith(_INCOMPLETE) or held > 2 * _MAX_HELD_TOKENS):
             self.text += after[len(before) :] if after.startswith(before) else after
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
+        elif grew or held <= _MAX_HELD_TOKENS:
+            return
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
 
     def _find_stop(self, searched_from: int) -> None:
         if not self._stop:
@@ -100,3 +108,19 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stop):
                 return k
         return 0
+
+
+class NoText:
+    """The detokenizer of a request that wants token ids only: no text, no decoding."""
+
+    text = ""
+    stopped = False
+
+    def add(self, token_ids: Sequence[int]) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+    def take(self, final: bool = False) -> str:
+        return ""

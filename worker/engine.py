@@ -5,10 +5,17 @@
     while engine.has_unfinished():
         for delta in engine.step(): ...
 
-step() = schedule (scheduler.py) -> run the model and sample (model_runner.py, sampler.py) ->
-postprocess (append tokens, stop rules, incremental text). The engine is single-threaded: call
-add_request / abort / step / load from one thread (the worker actor calls them from its event
-loop between steps), never concurrently.
+step() = schedule (scheduler.py) -> launch the model and the sampler (model_runner.py,
+sampler.py) -> postprocess (record tokens, stop rules, incremental text). With
+EngineConfig.overlap (the default) the steps overlap: step() schedules and launches step N + 1
+before it reads step N's tokens, so the host's scheduling, input patching and postprocessing run
+while the GPU computes, and the GPU always has the next step queued. Step N + 1 assumes every
+running sequence makes its token at step N; one that stopped there (EOS, a stop string) costs one
+wasted row, whose token is dropped. Every step() returns the deltas of the step before it; the
+outputs are the same as without overlap (tests/worker/test_engine_overlap.py).
+
+The engine is single-threaded: call add_request / abort / step / load from one thread (the worker
+actor calls them from its event loop between steps), never concurrently.
 """
 
 from __future__ import annotations
@@ -27,14 +34,14 @@ import torch
 
 from .config import PAGE_SIZE, EngineConfig
 from .decode_graphs import DecodeGraphs
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, NoText
 from .errors import RequestError
 from .kv_cache import KVCache
 from .load import WorkerLoad
-from .model_runner import ModelRunner
+from .model_runner import LaunchedStep, ModelRunner
 from .page_allocator import PageAllocator
-from .sampler import NonFiniteLogitsError, Sampler, SamplingState, token_stop_reason
-from .scheduler import BatchPlan, Scheduler, SequenceState
+from .sampler import Sampler, SamplingState, token_stop_reason
+from .scheduler import Scheduler, SequenceState
 from .types import FinishReason, RequestDelta, RequestOutput, SamplingParams, Usage
 
 logger = logging.getLogger(__name__)
@@ -46,7 +53,7 @@ class _Request:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     sampling: SamplingState
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | NoText
     seq: SequenceState  # the scheduler's record (kept after it finishes, for usage)
     output_token_ids: list[int] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
@@ -82,11 +89,7 @@ class Engine:
         model_len = int(model_config.max_position_embeddings)
         self._max_model_len = min(model_len, config.max_model_len) if config.max_model_len else model_len
         self.kv_cache = KVCache.from_config(
-            config.cache,
-            int(model_config.num_hidden_layers),
-            dtype,
-            device,
-            scratch_page=config.decode_graphs,
+            config.cache, int(model_config.num_hidden_layers), dtype, device, scratch_page=True
         )
         self.allocator = PageAllocator(
             self.kv_cache.num_pages, PAGE_SIZE, enable_prefix_caching=config.cache.enable_prefix_caching
@@ -94,15 +97,15 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.sampler = Sampler(device, seed=config.seed)
         num_heads = int(model_config.num_attention_heads)
-        decode_graphs = None
-        if config.decode_graphs:
-            decode_graphs = DecodeGraphs(
-                model,
-                num_heads,
-                self.kv_cache,
-                max_batch=config.scheduler.max_running_seqs,
-                max_pages=-(-self._max_model_len // PAGE_SIZE),
-            )
+        decode_graphs = DecodeGraphs(
+            model,
+            num_heads,
+            self.kv_cache,
+            max_batch=config.scheduler.max_running_seqs,
+            max_pages=-(-self._max_model_len // PAGE_SIZE),
+            use_graphs=config.use_decode_graphs(device),
+        )
+        decode_graphs.capture_all()  # every bucket now: no serving step stalls on a capture
         self.runner = ModelRunner(
             model,
             num_heads,
@@ -117,6 +120,7 @@ class Engine:
         )
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # final deltas of aborted requests, sent by the next step()
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not read yet (overlap)
         self._throughput: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -168,7 +172,7 @@ class Engine:
         return self.scheduler.num_preemptions
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
+        return bool(self._requests) or bool(self._pending) or self._in_flight is not None
 
     def tokens_per_s(self) -> float:
         now = time.monotonic()
@@ -216,7 +220,11 @@ class Engine:
             prompt_token_ids=tuple(token_ids),
             params=sampling,
             sampling=self.sampler.new_state(sampling),
-            detokenizer=IncrementalDetokenizer(self._tokenizer, token_ids, sampling.stop),
+            detokenizer=(
+                IncrementalDetokenizer(self._tokenizer, token_ids, sampling.stop)
+                if sampling.detokenize
+                else NoText()
+            ),
             seq=seq,
         )
 
@@ -232,49 +240,63 @@ class Engine:
 
     # ------------------------------------------------------------------------------ step
     def step(self) -> list[RequestDelta]:
-        """One scheduling iteration; deltas of the requests that produced tokens or finished."""
+        """One scheduling iteration: launches the next step, then returns the deltas of the requests
+        that produced tokens or finished in the step before it (overlap), or in this one."""
         deltas, self._pending = self._pending, []
+        launched = self._launch_next()
+        if self._in_flight is not None:
+            deltas.extend(self._finish_step(self._in_flight))
+        self._in_flight = launched
+        if launched is not None and not self.config.overlap:
+            deltas.extend(self._finish_step(launched))
+            self._in_flight = None
+        return deltas
+
+    def _launch_next(self) -> LaunchedStep | None:
+        """Schedules and launches a step (its tokens on the device), or None when there is nothing to do."""
         if not self._requests:
-            return deltas
+            return None
         plan = self.scheduler.schedule()
         if plan.empty:
-            return deltas
-        ids, logits = self.runner.compute_logits(plan)
-        sampled, failed = self._sample(ids, logits)
+            return None
+        step = self.runner.launch(plan, self.sampler, self._sampling_state)
+        self.scheduler.commit(plan)
+        step.owners = [self._requests[s.request_id] for s in step.seqs]
+        return step
+
+    def _sampling_state(self, request_id: str) -> SamplingState:
+        return self._requests[request_id].sampling
+
+    def _finish_step(self, step: LaunchedStep) -> list[RequestDelta]:
+        """Reads a launched step's tokens (waits for them) and postprocesses its requests; a row of a
+        request that has ended since (one wasted token after a stop) is dropped."""
+        tokens, bad = step.results()
+        deltas: list[RequestDelta] = []
+        failed = [s.request_id for s, req, b in zip(step.seqs, step.owners, bad) if b and self._live(req)]
         if failed:
-            plan = BatchPlan(
-                decodes=tuple(s for s in plan.decodes if s.request_id not in failed),
-                prefills=tuple(s for s in plan.prefills if s.request_id not in failed),
-                preempted=plan.preempted,
-            )
-        self.scheduler.update(plan, sampled)
-        for request_id in failed:
-            req = self._requests.pop(request_id)
-            self.scheduler.finish(request_id)
-            deltas.append(self._final_delta(req, (), FinishReason.ABORT))
-        for request_id, token in sampled.items():
-            deltas.append(self._postprocess(self._requests[request_id], token))
+            logger.error("aborting request(s) %s: their logits contain NaN or +inf, or are all -inf", failed)
+        produced = 0
+        for req, token, b in zip(step.owners, tokens, bad, strict=True):
+            if not self._live(req):
+                continue
+            if b:
+                del self._requests[req.request_id]
+                self.scheduler.finish(req.request_id)
+                deltas.append(self._final_delta(req, (), FinishReason.ABORT))
+                continue
+            self.scheduler.record_token(req.request_id, token)
+            deltas.append(self._postprocess(req, token))
+            produced += 1
         self.num_steps += 1
-        self.num_generated_tokens += len(sampled)
+        self.num_generated_tokens += produced
         now = time.monotonic()
-        self._throughput.append((now, len(sampled)))
+        self._throughput.append((now, produced))
         self._trim_throughput(now)
         return deltas
 
-    def _sample(self, ids: list[str], logits: torch.Tensor) -> tuple[dict[str, int], set[str]]:
-        """Samples every row; rows whose logits are not finite abort their requests (logged)."""
-        failed: set[str] = set()
-        while ids:
-            try:
-                tokens = self.sampler.sample(logits, [self._requests[i].sampling for i in ids], ids)
-                return dict(zip(ids, tokens, strict=True)), failed
-            except NonFiniteLogitsError as e:
-                logger.error("aborting request(s) %s: %s", list(e.request_ids), e)
-                failed.update(e.request_ids)
-                keep = [k for k, i in enumerate(ids) if i not in failed]
-                logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
-                ids = [ids[k] for k in keep]
-        return {}, failed
+    def _live(self, req: _Request) -> bool:
+        """The request is still in flight (not finished or aborted since its row was launched)."""
+        return self._requests.get(req.request_id) is req
 
     def _postprocess(self, req: _Request, token: int) -> RequestDelta:
         req.output_token_ids.append(token)
@@ -331,7 +353,7 @@ class Engine:
         params = [sampling] * len(prompt_list) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != len(prompt_list):
             raise RequestError("sampling", f"{len(params)} SamplingParams for {len(prompt_list)} prompts")
-        if self.has_unfinished():
+        if self._requests or self._pending:
             raise RuntimeError("generate() needs an idle engine: requests are in flight")
         base = uuid.uuid4().hex[:8]
         ids = [f"gen-{base}-{i}" for i in range(len(prompt_list))]
@@ -349,6 +371,8 @@ class Engine:
             for delta in self.step():
                 if delta.finish_reason is not None:
                     reasons[delta.request_id] = delta.finish_reason
+        while self._in_flight is not None and not self._requests:  # the rows launched past a stop
+            self.step()
         outputs = []
         for request_id in ids:
             req = records[request_id]

@@ -9,16 +9,24 @@ forward). Each forward builds its AttentionMetadata once (block_table, cache_seq
 this forward's tokens, slot_mapping of the new tokens, and the kernel's split plan from
 get_mla_metadata) and every layer shares it.
 
-Host -> device traffic: every integer input of a forward is built on the host as one int32 buffer
-and copied to the device in one transfer (pinned and asynchronous on CUDA), then viewed as the
-fields; the slots are checked against the cache size on the host, so nothing in the runner or
+Decodes run on the persistent decode batch (decode_graphs.py, decode_batch.py) when the runner
+has one — always in the engine: page tables stay on the device, and the input token of a
+sequence whose previous token is still pending comes from that step's device-side samples.
+
+Host -> device traffic: every integer input of a prefill forward is built on the host as one int32
+buffer and copied to the device in one transfer (pinned and asynchronous on CUDA), then viewed as
+the fields; the slots are checked against the cache size on the host, so nothing in the runner or
 the model's cache write waits for the device.
+
+`launch` runs a plan and samples without waiting for the device: the tokens stay on the device (the
+next step's decode inputs) and travel to the host in one non-blocking copy, which
+`LaunchedStep.results` waits for — one step later when the engine overlaps steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +36,7 @@ from .config import PAGE_SIZE
 from .kernels import get_mla_metadata
 from .kv_cache import NUM_KV_HEADS, KVCache
 from .sampler import Sampler, SamplingState
-from .scheduler import BatchPlan, ScheduledSeq
+from .scheduler import PENDING_TOKEN, BatchPlan, ScheduledSeq
 
 if TYPE_CHECKING:  # decode_graphs builds its inputs with host_inputs below
     from .decode_graphs import DecodeGraphs
@@ -148,6 +156,23 @@ def to_device(
     return buf[: 2 * m].view(torch.int64), buf[2 * m :]
 
 
+@dataclass
+class LaunchedStep:
+    """A step on its way: the sequences that sample, in token order, and their tokens coming back."""
+
+    seqs: tuple[ScheduledSeq, ...]  # [n]
+    tokens: torch.Tensor  # [2, n] int64 on the host (pinned on CUDA): tokens, non-finite flags
+    copied: Any = None  # torch.cuda.Event recorded after the device -> host copy (CUDA)
+    owners: list[Any] = field(default_factory=list)  # [n] the caller's record of each sequence
+
+    def results(self) -> tuple[list[int], list[int]]:
+        """Waits for the step's tokens: ([n] token ids, [n] non-finite flags)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens, bad = self.tokens.tolist()
+        return tokens, bad
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -166,8 +191,11 @@ class ModelRunner:
         self.device = kv_cache.device
         self.group_prefills = group_prefills
         self.max_padding = max_padding
-        self.decode_graphs = decode_graphs  # decode forwards on static buckets / CUDA graphs
+        self.decode_graphs = decode_graphs  # decode forwards on the persistent batch / CUDA graphs
         self.num_forwards = 0
+        self._sampled_index: dict[int, int] = {}  # admission -> index of its token in the last step's samples
+        self._last_seqs: list[ScheduledSeq] = []  # rows of the last compute_logits, in logits order
+        self._last_greedy: torch.Tensor | None = None  # [2, n] from the decode graph, when it covers all rows
 
     def forward_groups(self, plan: BatchPlan) -> list[list[ScheduledSeq]]:
         """The sequences of each model forward of this plan."""
@@ -184,16 +212,21 @@ class ModelRunner:
     def compute_logits(self, plan: BatchPlan) -> tuple[list[str], torch.Tensor]:
         """Runs the plan's forwards; returns the ids of the sequences that sample and their
         last-token logits [n, vocab] float32, in the same order."""
-        ids: list[str] = []
+        seqs: list[ScheduledSeq] = []
         rows: list[torch.Tensor] = []
-        for group in self.forward_groups(plan):
-            last = self._forward(group)[:, -1]  # [b, vocab]
+        self._last_greedy = None
+        for planned in self.forward_groups(plan):
+            group, last, greedy = self._forward(planned)  # the group in logits order, [b, vocab]
             keep = [i for i, s in enumerate(group) if s.sample]
             if len(keep) == len(group):
                 rows.append(last)
             elif keep:
                 rows.append(last.index_select(0, torch.tensor(keep, device=last.device)))
-            ids.extend(group[i].request_id for i in keep)
+            seqs.extend(group[i] for i in keep)
+            if greedy is not None and len(keep) == len(group) and not plan.prefills:
+                self._last_greedy = greedy  # the only group: its greedy tokens cover every row
+        self._last_seqs = seqs
+        ids = [s.request_id for s in seqs]
         if not rows:
             return ids, torch.empty(0, 0, dtype=torch.float32, device=self.device)
         return ids, (rows[0] if len(rows) == 1 else torch.cat(rows)).float()
@@ -201,17 +234,44 @@ class ModelRunner:
     def execute(
         self, plan: BatchPlan, sampler: Sampler, states: Mapping[str, SamplingState]
     ) -> dict[str, int]:
-        """Runs the plan and samples the next token of every sequence that completes its tokens."""
+        """Runs the plan and samples the next token of every sequence that completes its tokens
+        (waits for them: `launch` is the form that does not)."""
+        step = self.launch(plan, sampler, states.__getitem__)
+        tokens, _ = step.results()
+        return {s.request_id: t for s, t in zip(step.seqs, tokens, strict=True)}
+
+    @torch.inference_mode()
+    def launch(
+        self, plan: BatchPlan, sampler: Sampler, state_of: Callable[[str], SamplingState]
+    ) -> LaunchedStep:
+        """Runs the plan and samples on the device; returns at once (no host sync on CUDA)."""
         ids, logits = self.compute_logits(plan)
-        tokens = sampler.sample(logits, [states[i] for i in ids], ids) if ids else []
-        return dict(zip(ids, tokens, strict=True))
+        seqs = tuple(self._last_seqs)
+        if not seqs:
+            return LaunchedStep((), torch.empty(2, 0, dtype=torch.int64))
+        sampled = sampler.sample_async(logits, [state_of(i) for i in ids], self._last_greedy)  # [2, n]
+        if self.decode_graphs is not None:  # the next decode step reads its pending tokens from here
+            self.decode_graphs.batch.sampled[: len(seqs)].copy_(sampled[0])
+            self._sampled_index = {s.admission: i for i, s in enumerate(seqs)}
+        if self.device.type != "cuda":
+            return LaunchedStep(seqs, sampled)
+        host = torch.empty(sampled.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(seqs, host, copied)
 
     def _forward(
         self, group: Sequence[ScheduledSeq]
-    ) -> torch.Tensor:  # [b, 1, vocab] float32: last-token logits
+    ) -> tuple[Sequence[ScheduledSeq], torch.Tensor, torch.Tensor | None]:
+        """One forward: the group in logits order, last-token logits [b, vocab] float32, and
+        [2, b] greedy tokens when the forward computed them (a replayed decode graph)."""
+        self.num_forwards += 1
         if self.decode_graphs is not None and self.decode_graphs.supports(group):
-            self.num_forwards += 1
-            return self.decode_graphs.forward(group)
+            out = self.decode_graphs.forward(group, self._sampled_index)
+            return out.seqs, out.logits, out.greedy
+        if any(t == PENDING_TOKEN for s in group for t in s.token_ids):
+            raise RuntimeError("a forward with pending tokens needs the runner's decode graphs")
         inputs = build_inputs(group, self.device, self.kv_cache.num_pages * PAGE_SIZE)
         s_q = inputs.input_ids.shape[1]
         tile_scheduler_metadata, num_splits = get_mla_metadata(
@@ -226,7 +286,7 @@ class ModelRunner:
             causal=True,
             cache_write=inputs.cache_write,
         )
-        self.num_forwards += 1
-        return self.model.forward(
+        logits = self.model.forward(
             inputs.input_ids, inputs.positions, self.kv_cache.layers, meta, only_last=True
         )  # [b, 1, vocab]
+        return group, logits[:, -1], None

@@ -14,8 +14,15 @@ Pure Python (no torch). Each `schedule()`:
    Admission reuses prefix-cached full pages of the prompt, computing only the rest (always at
    least the last prompt token, whose logits give the first output token).
 
-`update()` then records what the step computed and sampled and publishes newly full pages to
-the prefix cache. The engine calls `finish()` when a sequence stops.
+`commit()` records that a planned step was launched: its tokens count as computed (the device
+computes them in stream order) and each sampling sequence has one more token *pending* — sampled on
+the device, its id not yet seen by the host. `record_token()` delivers that id later (one step
+later when the engine overlaps steps), and publishes newly full pages to the prefix cache.
+`update()` is both at once, for callers that wait for every step. While a token is pending the
+sequence is scheduled on as usual: its next decode reads the pending token on the device
+(`PENDING_TOKEN` in the plan); a sequence whose pending tokens reach max_tokens is not scheduled
+again, and a preempted one is not re-admitted before its pending token has arrived. The engine
+calls `finish()` when a sequence stops.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 from .config import SchedulerConfig
 from .errors import QueueFullError, RequestError
 from .page_allocator import PageAllocator, extend_page_hashes
+
+PENDING_TOKEN = -1  # a ScheduledSeq token that was sampled on the device and is not known to the host yet
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -57,11 +66,23 @@ class SequenceState:
     page_hashes: list[int] = field(default_factory=list)  # chained hashes of full pages of token_ids
     cached_prompt_tokens: int | None = None  # prefix-cache hit of the first admission (usage)
     num_preemptions: int = 0
+    num_pending: int = 0  # tokens sampled on the device whose ids have not reached token_ids yet
+    admission: int = -1  # unique per admission (a new one after every preemption)
     status: SeqStatus = SeqStatus.WAITING
+
+    @property
+    def num_known(self) -> int:
+        """Tokens of the sequence, pending ones included."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def done_generating(self) -> bool:
+        """Its pending tokens already reach max_tokens: nothing more to compute."""
+        return self.num_known >= self.max_len
 
 
 @dataclass(frozen=True)
@@ -69,10 +90,11 @@ class ScheduledSeq:
     """One sequence's share of a step: compute `token_ids` at positions start.. of its cache."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # [num_new] tokens whose latents this step writes
+    token_ids: tuple[int, ...]  # [num_new] tokens this step writes latents of (PENDING_TOKEN: on device)
     start: int  # tokens already in the cache before this step (position of token_ids[0])
     page_table: tuple[int, ...]  # physical pages covering start + num_new tokens
     sample: bool  # these tokens end the sequence's known tokens: sample its next token
+    admission: int = -1  # the sequence's admission number: same value = same rows in the cache
 
     @property
     def num_new(self) -> int:
@@ -116,6 +138,7 @@ class Scheduler:
         self._waiting: deque[SequenceState] = deque()
         self._running: list[SequenceState] = []  # sorted by arrival
         self._arrivals = itertools.count()
+        self._admissions = itertools.count()
         self.num_preemptions = 0  # sequences preempted by recompute, over the scheduler's life
         self.num_prefix_hit_tokens = 0  # tokens served from the prefix cache at admission
 
@@ -182,12 +205,17 @@ class Scheduler:
     @property
     def queued_prompt_tokens(self) -> int:
         """Tokens the waiting requests still have to prefill (recomputed ones included)."""
-        return sum(len(s.token_ids) for s in self._waiting)
+        return sum(s.num_known for s in self._waiting)
 
     @property
     def reserved_pages(self) -> int:
         """Pages the running requests may still claim before they reach max_tokens."""
         return sum(max(0, pages_for(s.max_len, self.page_size) - len(s.page_table)) for s in self._running)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens sampled on the device that the host has not recorded yet."""
+        return sum(s.num_pending for s in self._seqs.values())
 
     def running_ids(self) -> list[str]:
         return [s.request_id for s in self._running]
@@ -204,7 +232,10 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             seq = self._running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed, budget)
+            if seq.done_generating:  # finishes when its pending tokens arrive
+                i += 1
+                continue
+            num_new = min(seq.num_known - seq.num_computed, budget)
             needed = pages_for(seq.num_computed + num_new, self.page_size) - len(seq.page_table)
             while needed > self.allocator.num_free:
                 victim = self._running[-1]
@@ -231,6 +262,8 @@ class Scheduler:
         ps = self.page_size
         while self._waiting and budget > 0 and len(self._running) < self.config.max_running_seqs:
             seq = self._waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token in flight: admitted once it has arrived (FIFO)
             n = len(seq.token_ids)
             extend_page_hashes(seq.page_hashes, seq.token_ids, ps)
             # At least the last token is computed: its logits give the next token.
@@ -255,6 +288,7 @@ class Scheduler:
             self.num_prefix_hit_tokens += num_cached
             self._waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            seq.admission = next(self._admissions)
             bisect.insort(self._running, seq, key=lambda s: s.arrival)
             scheduled.append(self._scheduled(seq, num_new))
             budget -= num_new
@@ -262,12 +296,16 @@ class Scheduler:
 
     def _scheduled(self, seq: SequenceState, num_new: int) -> ScheduledSeq:
         end = seq.num_computed + num_new
+        tokens = seq.token_ids[seq.num_computed : end]
+        if len(tokens) < num_new:  # the rest is pending on the device
+            tokens = tokens + [PENDING_TOKEN] * (num_new - len(tokens))
         return ScheduledSeq(
             request_id=seq.request_id,
-            token_ids=tuple(seq.token_ids[seq.num_computed : end]),
+            token_ids=tuple(tokens),
             start=seq.num_computed,
             page_table=tuple(seq.page_table),
-            sample=end == len(seq.token_ids),
+            sample=end == seq.num_known,
+            admission=seq.admission,
         )
 
     def _preempt(self, seq: SequenceState) -> None:
@@ -286,19 +324,38 @@ class Scheduler:
         seq.num_registered = 0
 
     # ------------------------------------------------------------------------------ update
-    def update(self, plan: BatchPlan, sampled: Mapping[str, int]) -> None:
-        """Records a step: its tokens are in the cache, and sampled sequences got one more token."""
+    def commit(self, plan: BatchPlan) -> None:
+        """Records a launched step: its tokens count as computed, and every sequence that samples
+        has one more pending token (its id comes with record_token)."""
         for s in plan.seqs:
             seq = self._seqs[s.request_id]
-            if seq.num_computed != s.start:
-                raise RuntimeError(f"request {s.request_id!r} changed between schedule() and update()")
+            if seq.num_computed != s.start or seq.admission != s.admission:
+                raise RuntimeError(f"request {s.request_id!r} changed between schedule() and commit()")
             seq.num_computed = s.seqlen
             if s.sample:
-                seq.token_ids.append(int(sampled[s.request_id]))
+                seq.num_pending += 1
             self._register_full_pages(seq)
 
+    def record_token(self, request_id: str, token: int) -> None:
+        """The id of a request's oldest pending token (a running or preempted request)."""
+        seq = self._seqs[request_id]
+        if seq.num_pending < 1:
+            raise RuntimeError(f"request {request_id!r} has no pending token")
+        seq.num_pending -= 1
+        seq.token_ids.append(int(token))
+        if seq.status is SeqStatus.RUNNING:
+            self._register_full_pages(seq)
+
+    def update(self, plan: BatchPlan, sampled: Mapping[str, int]) -> None:
+        """commit() and record_token() at once: the step is done and its tokens are known."""
+        self.commit(plan)
+        for s in plan.seqs:
+            if s.sample:
+                self.record_token(s.request_id, sampled[s.request_id])
+
     def _register_full_pages(self, seq: SequenceState) -> None:
-        num_full = seq.num_computed // self.page_size
+        # Only pages whose tokens are all known: a pending token's page is hashed once it arrives.
+        num_full = min(seq.num_computed, len(seq.token_ids)) // self.page_size
         if num_full <= seq.num_registered:
             return
         extend_page_hashes(seq.page_hashes, seq.token_ids[: num_full * self.page_size], self.page_size)
@@ -322,16 +379,17 @@ class Scheduler:
         assert len(self._running) <= self.config.max_running_seqs, "too many running requests"
         refs: dict[int, int] = {}
         for seq in self._seqs.values():
-            assert seq.prompt_len <= len(seq.token_ids) <= seq.max_len, f"{seq.request_id}: bad length"
+            assert seq.prompt_len <= seq.num_known <= seq.max_len, f"{seq.request_id}: bad length"
+            assert seq.num_pending >= 0, f"{seq.request_id}: negative pending tokens"
             if seq.status is SeqStatus.WAITING:
                 assert not seq.page_table and seq.num_computed == 0, f"waiting {seq.request_id} holds pages"
                 continue
             assert seq.status is SeqStatus.RUNNING, f"{seq.request_id} has status {seq.status}"
-            assert seq.num_computed < len(seq.token_ids), f"{seq.request_id} has no token left to compute"
-            assert len(seq.page_table) >= pages_for(seq.num_computed, ps), f"{seq.request_id} lacks pages"
-            assert len(seq.page_table) <= pages_for(len(seq.token_ids), ps), (
-                f"{seq.request_id} holds extra pages"
+            assert seq.num_computed < seq.num_known or seq.done_generating, (
+                f"{seq.request_id} has no token left to compute"
             )
+            assert len(seq.page_table) >= pages_for(seq.num_computed, ps), f"{seq.request_id} lacks pages"
+            assert len(seq.page_table) <= pages_for(seq.num_known, ps), f"{seq.request_id} holds extra pages"
             assert len(set(seq.page_table)) == len(seq.page_table), f"{seq.request_id} maps a page twice"
             for page in seq.page_table:
                 refs[page] = refs.get(page, 0) + 1

@@ -18,7 +18,8 @@ class SamplingParams:
     """How to pick the next token of one request. temperature 0 means greedy.
 
     top_k <= 0 and top_p == 1 disable those filters; seed makes a sampled request reproducible
-    (the same output alone or inside any batch).
+    (the same output alone or inside any batch). detokenize False: the engine makes no text for
+    this request (token ids only; no stop strings then), which takes the detokenizer off its steps.
     """
 
     max_tokens: int = 16
@@ -29,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         # Lists from callers become tuples so the params stay hashable and frozen.
@@ -48,6 +50,8 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative token ids")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (they are matched in the text)")
 
     @property
     def greedy(self) -> bool:

@@ -54,10 +54,10 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: per device)"
     )
     parser.add_argument(
-        "--decode-graphs",
+        "--eager-decode",
         action="store_true",
-        help="decode steps on static batch buckets, as CUDA graphs on GPUs (EngineConfig.decode_graphs; "
-        "experimental: not yet measured on a GPU)",
+        help="decode without CUDA graphs on GPU workers (EngineConfig.decode_graphs=False; the default "
+        "captures every decode batch bucket as a CUDA graph at start-up)",
     )
     parser.add_argument(
         "--num-gpus-per-worker",
@@ -115,10 +115,10 @@ def pool_config_from_args(args: argparse.Namespace) -> Any:
         engine_kwargs["num_pages"] = args.num_pages
     if args.dtype is not None:
         engine_kwargs["dtype"] = args.dtype
-    if getattr(args, "decode_graphs", False):
+    if getattr(args, "eager_decode", False):
         from mlaserve.worker.config import EngineConfig  # no torch: config.py imports none
 
-        engine_kwargs["config"] = EngineConfig(decode_graphs=True)
+        engine_kwargs["config"] = EngineConfig(decode_graphs=False)
     if engine_kwargs:
         kwargs["engine_kwargs"] = engine_kwargs
     return PoolConfig(**kwargs)

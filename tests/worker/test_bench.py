@@ -1,33 +1,47 @@
-"""`python -m mlaserve.worker.bench` on the CPU: it runs the workload and prints its table."""
+"""`python -m mlaserve.worker.bench` on the CPU: it runs the sweep and prints one table row per batch."""
 
 from __future__ import annotations
-
-import re
 
 import pytest
 
 from mlaserve.worker import bench
 
 
-def _rows(text: str) -> dict[str, str]:
-    rows = {}
-    for line in text.splitlines():
-        m = re.match(r"^(\s*\S.*?)\s{2,}(\S.*)$", line)
-        if m:
-            rows[m.group(1).strip()] = m.group(2)
-    return rows
+def _table(text: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in r] for r in rows[1:]]  # without the header
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_bench_prints_the_step_table(capsys, graphs: bool) -> None:
-    argv = ["--batch", "4", "--prompt-len", "20", "--max-tokens", "5", "--varlen"]
-    assert bench.main(argv + (["--decode-graphs"] if graphs else [])) == 0
-    rows = _rows(capsys.readouterr().out)
-    assert rows["output tokens"] == "20"  # 4 requests x 5 tokens, ignore_eos
-    assert rows["decode steps"].startswith("4 ")  # the first token comes from the prefill
-    assert float(rows["forward (ms, CPU)"]) > 0  # timed once, also through the static decode path
-    assert float(rows["decode step (ms)"]) >= float(rows["forward (ms, CPU)"])
-    if graphs:
-        assert "run without --decode-graphs" in rows["decode step bound"]
-    else:
-        assert float(rows["bytes read per decode step (MB)"]) > 0
+@pytest.mark.parametrize("flags", [[], ["--no-overlap"]])
+def test_bench_prints_one_row_per_batch(capsys, flags: list[str]) -> None:
+    argv = ["--batch", "2,3", "--prompt-len", "20", "--max-tokens", "6", "--varlen", *flags]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("waiting steps" if flags else "overlapped steps") in out
+    rows = _table(out)
+    assert [r[0] for r in rows] == ["2", "3"]
+    for r in rows:
+        step_ms, tok_s = float(r[1]), float(r[3])
+        assert step_ms > 0 and tok_s > 0
+        ttft_p50, ttft_p99 = (float(x) for x in r[6].split(" / "))
+        assert 0 < ttft_p50 <= ttft_p99
+        expected, measured = (float(x) for x in r[9].split("; "))
+        assert expected > 0 and measured > 0  # the tiny preset has MoE layers
+
+
+def test_bench_rejects_bad_batches() -> None:
+    with pytest.raises(SystemExit, match="--batch"):
+        bench.main(["--batch", "0"])
+    with pytest.raises(SystemExit, match="--batch"):
+        bench.main(["--batch", "a,b"])
+
+
+def test_expected_expert_hits_match_uniform_routing() -> None:
+    """k of E experts per token, uniform: E (1 - (1 - k/E)^b) per layer."""
+    import torch
+
+    rec = bench.Recorder.__new__(bench.Recorder)
+    rec.routing = {0: torch.full((64,), 10.0), 1: torch.full((64,), 3.0)}
+    expected = 2 * 64 * (1 - (1 - 6 / 64) ** 16)
+    assert abs(rec.expected_expert_hits(16, 6) - expected) < 1e-4
+    assert abs(rec.expected_expert_hits(1, 6) - 12) < 1e-4

@@ -246,7 +246,8 @@ def test_abort_frees_pages_and_reports_once(tiny, seed: int) -> None:
     finals = [d for d in engine.step() if d.finished]
     (aborted,) = [d for d in finals if d.request_id == "r1"]
     assert aborted.finish_reason is FinishReason.ABORT and aborted.token_ids == ()
-    assert aborted.usage.completion_tokens == seen["r1"] == 3
+    # three steps: two have been read back (overlap), a third is in flight and dropped by the abort
+    assert aborted.usage.completion_tokens == seen["r1"] == 2
     while engine.has_unfinished():
         for d in engine.step():
             assert d.request_id != "r1"

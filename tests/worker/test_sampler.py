@@ -161,3 +161,39 @@ def test_detokenizer_keeps_a_prompt_that_ends_mid_character_out_of_the_output(se
         for i in range(0, len(output), 3):
             detok.add(output[i : i + 3])
         assert detok.take(final=True) == tok.decode(output)
+
+
+def test_detokenizer_decodes_a_bounded_window_when_tokens_yield_no_text(seed: int) -> None:
+    """Tokens that decode to nothing (ids >= 256 here) must not make every later step re-decode an
+    ever longer tail; the text stays right."""
+    rng = random.Random(seed)
+    tok = ByteTokenizer()
+    lengths: list[int] = []
+    decode = tok.decode
+
+    def recording(ids: list[int]) -> str:
+        lengths.append(len(ids))
+        return decode(ids)
+
+    tok.decode = recording  # type: ignore[method-assign]
+    detok = IncrementalDetokenizer(tok, [65, 66])
+    expected = ""
+    for _ in range(1000):
+        if rng.random() < 0.97:
+            detok.add([300])  # no text
+        else:
+            ch = rng.choice(["a", "ö", "€"])
+            expected += ch
+            for b in ch.encode():
+                detok.add([b])
+    detok.flush()
+    assert detok.text == expected
+    # held tokens (<= 9) after the previous window's tokens (<= 17) as context; runs of ~33 empty
+    # tokens on average would make an unbounded tail far longer
+    assert max(lengths) <= 2 * 17, f"decoded windows up to {max(lengths)} tokens"
+
+
+def test_no_text_requests_skip_the_detokenizer() -> None:
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=("x",), detokenize=False)
+    assert SamplingParams(detokenize=False).detokenize is False

@@ -17,7 +17,7 @@ import pytest
 from mlaserve.worker.config import SchedulerConfig
 from mlaserve.worker.errors import QueueFullError, RequestError
 from mlaserve.worker.page_allocator import PageAllocator, prefix_page_hashes
-from mlaserve.worker.scheduler import BatchPlan, Scheduler, pages_for
+from mlaserve.worker.scheduler import PENDING_TOKEN, BatchPlan, Scheduler, pages_for
 
 VOCAB = 1000
 
@@ -244,3 +244,106 @@ def test_long_prompt_is_admitted_only_with_pages_for_all_of_it() -> None:
     assert sched.num_preemptions == 0
     assert sim.finished["long"] == expected_output(list(range(100, 120)), 1)
     assert sim.finished["decoding"] == expected_output(list(range(1, 9)), 8)
+
+
+class PipelinedSimulator(Simulator):
+    """The engine's overlap: step N + 1 is scheduled, computed and committed before the tokens of
+    step N are recorded. The simulated device keeps each sequence's last sampled token, which a
+    PENDING_TOKEN in the plan stands for."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        super().__init__(sched)
+        self.device_token: dict[str, int] = {}  # request -> token sampled in the last computed step
+        self.in_flight: list[tuple[str, int]] = []
+        self.wasted = 0
+
+    def step(self) -> BatchPlan:
+        plan = self.sched.schedule()
+        assert plan.num_tokens <= self.sched.config.max_batched_tokens
+        assert len({s.request_id for s in plan.seqs}) == len(plan.seqs), "a request is scheduled twice"
+        launched = []
+        for s in plan.seqs:
+            token_ids = [self.device_token[s.request_id] if t == PENDING_TOKEN else t for t in s.token_ids]
+            assert PENDING_TOKEN not in s.token_ids[:-1], "only a sequence's last token can be pending"
+            seen = [
+                self.cache.get(s.page_table[p // self.ps] * self.ps + p % self.ps) for p in range(s.start)
+            ]
+            tokens = seen + token_ids
+            req = self.requests.get(s.request_id)
+            assert req is not None, f"{s.request_id} scheduled after it finished"
+            truth = (
+                req.prompt
+                + req.output
+                + ([self.device_token[s.request_id]] if self._pending(s.request_id) else [])
+            )
+            assert tokens == truth[: s.seqlen], f"{s.request_id} sees a corrupted cache"
+            for i, t in enumerate(token_ids):
+                p = s.start + i
+                self.cache[s.page_table[p // self.ps] * self.ps + p % self.ps] = t
+            if s.sample:
+                launched.append((s.request_id, next_token(tokens)))
+        self.sched.commit(plan)
+        previous, self.in_flight = self.in_flight, launched
+        for request_id, token in launched:
+            self.device_token[request_id] = token
+        self._record(previous)
+        self.sched.check_integrity()
+        return plan
+
+    def _pending(self, request_id: str) -> bool:
+        seq = self.sched.get(request_id)
+        return seq is not None and seq.num_pending > 0 and any(r == request_id for r, _ in self.in_flight)
+
+    def _record(self, tokens: list[tuple[str, int]]) -> None:
+        for request_id, token in tokens:
+            req = self.requests.get(request_id)
+            if req is None:  # finished or aborted after this row was launched: dropped
+                self.wasted += 1
+                continue
+            self.sched.record_token(request_id, token)
+            req.output.append(token)
+            if len(req.output) == req.max_tokens:
+                self.sched.finish(request_id)
+                self.finished[request_id] = req.output
+                del self.requests[request_id]
+
+    def drain(self) -> None:
+        while self.sched.has_unfinished() or self.in_flight:
+            self.step()
+
+
+@pytest.mark.parametrize(("num_pages", "max_running", "budget"), [(10, 8, 64), (24, 4, 24), (60, 32, 512)])
+def test_pipelined_steps_match_the_oracle(seed: int, num_pages, max_running, budget) -> None:
+    """Pending tokens through preemption, prefix hits, aborts and max_tokens: same outputs as the oracle."""
+    rng = random.Random(seed)
+    ps = 4
+    sched = Scheduler(
+        SchedulerConfig(max_running_seqs=max_running, max_batched_tokens=budget),
+        PageAllocator(num_pages, page_size=ps),
+    )
+    sim = PipelinedSimulator(sched)
+    shared = [[rng.randrange(VOCAB) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
+    specs: dict[str, tuple[list[int], int]] = {}
+    aborted: set[str] = set()
+    for n in range(40):
+        head = list(rng.choice(shared)) if rng.random() < 0.6 else []
+        prompt = head + [rng.randrange(VOCAB) for _ in range(rng.randrange(0 if head else 1, 10))]
+        max_tokens = rng.randrange(1, 12)
+        if pages_for(len(prompt) + max_tokens, ps) > num_pages:
+            continue
+        specs[f"r{n}"] = (prompt, max_tokens)
+        sim.add(f"r{n}", prompt, max_tokens)
+        for _ in range(rng.randrange(0, 3)):
+            sim.step()
+        if sim.requests and rng.random() < 0.1:
+            victim = rng.choice(sorted(sim.requests))
+            sim.abort(victim)
+            aborted.add(victim)
+    sim.drain()
+    assert set(sim.finished) | aborted == set(specs)
+    for request_id, out in sim.finished.items():
+        assert out == expected_output(*specs[request_id]), request_id
+    assert sched.allocator.num_used == 0 and sched.num_pending == 0
+    if num_pages == 10:
+        assert sched.num_preemptions > 0, "the small cache should have forced preemptions"
+    assert sched.num_prefix_hit_tokens > 0

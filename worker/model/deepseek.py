@@ -41,7 +41,8 @@ class DecoderLayer(nn.Module):
         cache_write: CacheWrite,
     ) -> torch.Tensor:  # [b, s_q, hidden]
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta, cache_write)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, meta.token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class DeepseekModel(nn.Module):

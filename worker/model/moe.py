@@ -129,6 +129,17 @@ class Experts(nn.Module):
         return ys
 
 
+def mask_padding_routes(
+    weights: torch.Tensor,  # [T, k] float32
+    ids: torch.Tensor,  # [T, k] int64
+    token_mask: torch.Tensor,  # [T] bool, row 0 real
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding rows take row 0's experts with weight 0: they read no expert weights row 0 does not
+    (a padded decode bucket then costs what its real rows cost) and add nothing to any output."""
+    keep = token_mask[:, None]  # [T, 1]
+    return weights * keep, torch.where(keep, ids, ids[:1])
+
+
 class MoE(nn.Module):
     def __init__(self, moe: MoEConfig, hidden_size: int, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -140,9 +151,15 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [b, s, H] -> [b, s, H]
+    def forward(
+        self,
+        x: torch.Tensor,  # [b, s, H]
+        token_mask: torch.Tensor | None = None,  # [b * s] bool: False = padding row (no expert of its own)
+    ) -> torch.Tensor:  # [b, s, H]
         flat = x.reshape(-1, x.shape[-1])  # [T, H]
         weights, ids = self.gate(flat)
+        if token_mask is not None:
+            weights, ids = mask_padding_routes(weights, ids, token_mask)
         out = self.experts(flat, ids, weights).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
