@@ -23,7 +23,7 @@ cuobjdump --dump-sass "$so" > "$OUT/sass.txt" 2>&1
        END {printf "SASS mla_decode_kernel: %d instructions, %d HGMMA, %d LDL/STL, %d UTMALDG\n", n, h, s, t}' "$OUT/sass.txt"
 } | tee "$OUT/summary.txt"
 t1=$SECONDS
-timeout "${TEST_T:-240}" python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
+timeout "${TEST_T:-150}" python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider > "$OUT/tests.log" 2>&1
 echo "pytest -m gpu tests/kernels ($((SECONDS - t1)) s): $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -10
 against=()
@@ -34,7 +34,7 @@ else
   echo "no .peer/peer_flashmla.py: bench without a peer" | tee -a "$OUT/summary.txt"
 fi
 t2=$SECONDS
-timeout "${BENCH_T:-330}" python3 -m mlaserve.worker.kernels.bench --grid both "${against[@]}" --kernel-times \
+timeout "${BENCH_T:-300}" python3 -m mlaserve.worker.kernels.bench --grid both "${against[@]}" --kernel-times \
   --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1
 rc=$?
 echo "bench ($((SECONDS - t2)) s, exit $rc); total $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
