@@ -42,6 +42,7 @@ import argparse
 import importlib
 import json
 import math
+import signal
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -489,6 +490,44 @@ def load_peer(name: str) -> Impl:
     return Impl(name="peer", module=module, form=form)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_grids(plans, peer: Impl | None, timer: Timer, ceil: Ceilings, args, done: list) -> None:
+    """Measures every row of every grid and prints each as it is done; (grid, ours, results) are put in
+    `done` before their rows are measured, so an interruption keeps the rows measured so far."""
+    for grid, ours, rows in plans:
+        names = [o.name for o in ours]
+        print(
+            f"## {grid} grid: b s_q h_q lengths | µs ({', '.join(names)}{', ' + peer.name if peer else ''}) | "
+            "ours roofline | split requests | agreement out-rel/lse-abs",
+            flush=True,
+        )
+        results: list[RowResult] = []
+        done.append((grid, ours, results))
+        cache, key = None, None
+        for row in rows:
+            if row.lengths != key:
+                del cache
+                torch.cuda.empty_cache()
+                cache, key = build_cache(list(row.lengths)), row.lengths
+            r = measure_row(
+                row,
+                cache,
+                ours,
+                peer,
+                timer,
+                args.passes,
+                args.ref_requests,
+                args.kernel_times and grid == "serving",
+            )
+            results.append(r)
+            print(row_line(r, ceil, names, peer.name if peer else None), flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=["standard", "serving", "both"], default="standard")
@@ -563,35 +602,12 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     done: list[tuple[str, list[Impl], list[RowResult]]] = []
-    for grid, ours, rows in plans:
-        names = [o.name for o in ours]
-        print(
-            f"## {grid} grid: b s_q h_q lengths | µs ({', '.join(names)}{', ' + peer.name if peer else ''}) | ours "
-            "roofline | split requests | agreement out-rel/lse-abs",
-            flush=True,
-        )
-        results: list[RowResult] = []
-        cache, key = None, None
-        for row in rows:
-            if row.lengths != key:
-                del cache
-                torch.cuda.empty_cache()
-                cache, key = build_cache(list(row.lengths)), row.lengths
-            r = measure_row(
-                row,
-                cache,
-                ours,
-                peer,
-                timer,
-                args.passes,
-                args.ref_requests,
-                args.kernel_times and grid == "serving",
-            )
-            results.append(r)
-            print(row_line(r, ceil, names, peer.name if peer else None), flush=True)
-        del cache
-        torch.cuda.empty_cache()
-        done.append((grid, ours, results))
+    # a timeout's SIGTERM ends the run early but still prints the tables of the rows measured so far
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_grids(plans, peer, timer, ceil, args, done)
+    except KeyboardInterrupt:
+        print("# INTERRUPTED: the tables below hold only the rows measured so far", flush=True)
 
     print()
     print(
