@@ -337,6 +337,31 @@ def test_summary_and_tables():
     assert "% gemm" in table[4] and "BAD" in table[4]
 
 
+def test_measure_row_on_cpu_with_the_reference():
+    """measure_row's bookkeeping with the float32 reference on both sides (original and current form) and a
+    timer that records the order of the calls: every pair checked, passes in alternating orders."""
+    lengths = (130, 64, 1000)
+    row = bench.Row("serving", 2, 16, "x", lengths)
+    cache = sidebyside.build_cache(list(lengths), device="cpu")
+    ours = [Impl("ours", reference, ORIGINAL), Impl("v2", reference, ORIGINAL, {"MLASERVE_MLA_PDL": "0"})]
+    peer = Impl("peer", current_form(reference), CURRENT)
+    order = []
+
+    def timer(fn):
+        order.append(os.environ.get("MLASERVE_MLA_PDL"))
+        fn()
+        return 10.0 + len(order)
+
+    r = bench.measure_row(row, cache, ours, peer, timer, passes=3, ref_requests=2, with_kernel_times=False)
+    assert r.ok(), r.bad()
+    assert set(r.checks) == {"ours~ref", "v2~ref", "peer~ref", "ours~peer", "v2~peer"}
+    assert r.checks["ours~peer"].out_rel == 0.0 and r.split == 0
+    assert r.times == {"ours": [11.0, 16.0, 17.0], "v2": [12.0, 15.0, 18.0], "peer": [13.0, 14.0, 19.0]}
+    assert order[1] == "0" and order[0] != "0"  # the variant ran under its knob, the others not
+    line = bench.row_line(r, bench.Ceilings(4000.0, 700.0), ["ours", "v2"], "peer")
+    assert "ours     11.0 peer     13.0  1.18x v2     12.0" in line and line.endswith("OK")
+
+
 # ---- on the GPU -------------------------------------------------------------------------------
 def _gpu():
     from mlaserve.worker.kernels import sm90

@@ -289,7 +289,7 @@ def measure_row(
     cache,
     ours: Sequence[Impl],
     peer: Impl | None,
-    timer: Timer,
+    timer: Callable[[Callable[[], object]], float],
     passes: int,
     ref_requests: int,
     with_kernel_times: bool,
@@ -298,8 +298,9 @@ def measure_row(
     from . import reference
 
     res = RowResult(row)
-    gen = torch.Generator(device="cuda").manual_seed(seed + 1000 * row.s_q + row.h_q)
-    q = torch.randn(row.b, row.s_q, row.h_q, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    device = cache.k_cache.device
+    gen = torch.Generator(device=device).manual_seed(seed + 1000 * row.s_q + row.h_q)
+    q = torch.randn(row.b, row.s_q, row.h_q, D, generator=gen, device=device, dtype=torch.bfloat16)
     impls = [*ours, *([peer] if peer else [])]
     calls = {}
     for impl in impls:
