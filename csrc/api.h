@@ -44,7 +44,6 @@ struct DecodeArgs {
   float scale;
   bool causal;
   bool pdl;  // launch the combine kernel as a programmatic dependent of the main kernel
-  int schedule;  // consumer schedule: 0 = split S, 1 = solo S, 2 = seesaw (see mla_kernel.cuh)
 };
 
 void launch_mla_decode(const DecodeArgs& args, cudaStream_t stream);

@@ -61,7 +61,6 @@ CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
   return map;
 }
 
-template <int kSchedule>
 void ensure_smem_attribute() {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -69,17 +68,16 @@ void ensure_smem_attribute() {
   static bool done[64] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev]) {
-    check_cuda(cudaFuncSetAttribute(mla_decode_kernel<kSchedule>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check_cuda(cudaFuncSetAttribute(mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     kSmemBytes),
                "cudaFuncSetAttribute(mla_decode_kernel, max dynamic smem)");
     if (dev >= 0 && dev < 64) done[dev] = true;
   }
 }
 
-template <int kSchedule>
 void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  ensure_smem_attribute<kSchedule>();
-  mla_decode_kernel<kSchedule><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  ensure_smem_attribute();
+  mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
   check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
 }
 
@@ -126,13 +124,7 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.b > 0 && a.num_parts > 0 && a.num_pages > 0) {
     const CUtensorMap tmap = make_kv_tensor_map(a);
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
-    if (a.schedule == kSoloS) {
-      launch_main<kSoloS>(tmap, p, grid, stream);
-    } else if (a.schedule == kSeesaw) {
-      launch_main<kSeesaw>(tmap, p, grid, stream);
-    } else {
-      launch_main<kSplitS>(tmap, p, grid, stream);
-    }
+    launch_main(tmap, p, grid, stream);
     main_launched = true;
   }
 

@@ -71,7 +71,8 @@ __device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage
                           static_cast<int64_t>(head_kv * p.group + g) * p.q_stride_h + u * 8;
     // destination = &sQ(r, 8u) of smem_tensor(s.q, SmemLayoutQK{}), written out by hand: the same
     // address (checked for every (r, u)), but CuTe's swizzled-pointer arithmetic costs ~200 more SASS
-    // instructions per kernel here (and a 4-byte spill in the split-S kernel when used in store_p too).
+    // instructions per kernel here (and a 4-byte spill in the since-deleted split-S kernel when used in
+    // store_p too).
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
         *reinterpret_cast<const cute::uint128_t*>(src),
         *reinterpret_cast<cute::uint128_t*>(s.q + (u / 8) * kChunkBytes + r * 128 + (((u % 8) ^ (r & 7)) << 4)), valid);
@@ -87,25 +88,8 @@ __device__ __forceinline__ uint32_t vt_step(int k) {
   return desc_step(cute::get_nonswizzle_portion(SmemLayoutVt{})(0, 16 * k));
 }
 
-// S(64 x 32) = Q(64 x 576) . K[32w .. 32w+31, :]^T for consumer warpgroup w. Waits for completion.
-__device__ __forceinline__ void qk_half(float (&sacc)[16], const SharedStorage& s, int stage, int w) {
-  using namespace cute;
-  const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(s.q, SmemLayoutQK{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
-  const GMMA::DescriptorIterator dk{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(s.kv[stage], SmemLayoutQK{}), Shape<Int<32>, _16>{}, make_coord(w, 0)))};
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < kHeadDimQK / 16; ++k) {
-    gmma<MmaQK32>(sacc, dq[qk_step(k)], dk[qk_step(k)], k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One);
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  fence_regs(sacc);
-}
-
-// S(64 x 64) = Q(64 x 576) . K^T for the whole page (solo-S schedule). Issues and commits one wgmma
-// group; the caller waits (warpgroup_wait) and then fence_regs(sacc).
+// S(64 x 64) = Q(64 x 576) . K^T for the whole page. Issues and commits one wgmma group; the caller
+// waits (warpgroup_wait) and then fence_regs(sacc).
 __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], const SharedStorage& s, int stage) {
   using namespace cute;
   const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
@@ -120,14 +104,12 @@ __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], const SharedSto
   warpgroup_commit_batch();
 }
 
-// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from `p_tile` (one
-// swizzled 64 x 64 chunk: s.p, or a page's RoPE chunk in the seesaw schedule). Issues and commits one
-// wgmma group; pv_half also waits for it.
-__device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s, int stage, int w,
-                                         const uint8_t* p_tile) {
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from s.p (one
+// swizzled 64 x 64 chunk). Issues one wgmma group and waits for it.
+__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
   using namespace cute;
   const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(p_tile, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+      local_tile(smem_tensor(s.p, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
   // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
   const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
       local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
@@ -138,11 +120,7 @@ __device__ __forceinline__ void pv_issue(float (&o)[128], const SharedStorage& s
     gmma<MmaPV>(o, dp[qk_step(k)], dv[vt_step(k)]);
   }
   warpgroup_commit_batch();
-}
-
-__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
-  pv_issue(o, s, stage, w, s.p);
-  cute::warpgroup_wait<0>();
+  warpgroup_wait<0>();
   fence_regs(o);
 }
 
@@ -160,12 +138,6 @@ __device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], i
     *reinterpret_cast<__nv_bfloat162*>(p_tile + row_a * 128 + ((unit ^ (row_a & 7)) << 4) + 4 * (lane & 3)) = va;
     *reinterpret_cast<__nv_bfloat162*>(p_tile + row_b * 128 + ((unit ^ (row_b & 7)) << 4) + 4 * (lane & 3)) = vb;
   }
-}
-
-// The RoPE chunk (columns 512..575) of a stage: read only by that page's S = Q K^T, so once S is done
-// it can hold the page's P tile (seesaw schedule) until both consumers release the stage.
-__device__ __forceinline__ uint8_t* rope_chunk(SharedStorage& s, int stage) {
-  return s.kv[stage] + kNumChunksV * kChunkBytes;
 }
 
 // Zeroes rows [first_row, 64) of this warpgroup's V columns (256w .. 256w+255) of a stage, so

@@ -116,8 +116,7 @@ __device__ __forceinline__ void gmma(float (&d)[N], uint64_t da, uint64_t db,
   gmma_unpack<Op>(d, da, db, scale, std::make_index_sequence<N>{});
 }
 
-using MmaQK32 = GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S half (split-S)
-using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S (solo-S)
+using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S = Q K^T
 using MmaPV = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;     // O half += P.V
 
 // Keeps the compiler from moving accumulator reads/writes across wgmma issue / wait.
@@ -141,10 +140,9 @@ __device__ __forceinline__ void wait_barrier(const uint64_t* bar, uint32_t phase
 // Named barriers among the consumer warpgroups (CUTLASS user ids; hardware ids 8 + id).
 enum NamedBarrierId : uint32_t {
   kBarQ = 0,      // both consumer WGs: Q tile free / written
-  kBarMax = 1,    // both consumer WGs: row maxima / final row sums exchanged
+  kBarMax = 1,    // both consumer WGs: a request's final row sums and maxima exchanged
   kBarP = 2,      // both consumer WGs: P tile (and rescale factors) written
-  kBarPFree = 3,  // solo-S: consumer 1 done reading P (consumer 0 may overwrite it)
-  kBarPReady = 4, // seesaw: kBarPReady + w = consumer w wrote P and the row max of its page (ids 4, 5)
+  kBarPFree = 3,  // consumer 1 done reading P (consumer 0 may overwrite it)
 };
 constexpr int kConsumerThreads = kNumConsumerWG * 128;
 __device__ __forceinline__ void consumer_sync(NamedBarrierId id) {

@@ -87,20 +87,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, floa
   st.m[1] = m_new_b;
 }
 
-// Moves the running state to a new row max (>= the old one) set by the other consumer's page, returning
-// the factors by which the output accumulator rows must be rescaled (same -inf rules as above).
-__device__ __forceinline__ void rebase_rows(RowState& st, float m_new_a, float m_new_b, float scale_log2,
-                                            float& alpha_a, float& alpha_b) {
-  const float base_a = m_new_a == -INFINITY ? 0.f : m_new_a * scale_log2;
-  const float base_b = m_new_b == -INFINITY ? 0.f : m_new_b * scale_log2;
-  alpha_a = exp2f(st.m[0] * scale_log2 - base_a);
-  alpha_b = exp2f(st.m[1] * scale_log2 - base_b);
-  st.l[0] *= alpha_a;
-  st.l[1] *= alpha_b;
-  st.m[0] = m_new_a;
-  st.m[1] = m_new_b;
-}
-
 template <int N>
 __device__ __forceinline__ void rescale_rows(float (&o)[N], float alpha_a, float alpha_b) {
 #pragma unroll

@@ -20,8 +20,11 @@ struct SharedStorage {
   alignas(1024) uint8_t kv[kNumStages][kStageBytes];
   // (64 rows, 64 keys) bf16, one swizzled chunk: softmax probabilities P, A operand of P.V
   alignas(1024) uint8_t p[kChunkBytes];
-  float row_max[kNumConsumerWG][kBlockM];  // [wg][row]: per-warpgroup row max, exchanged each page
-  float row_sum[kNumConsumerWG][kBlockM];  // [wg][row]: per-warpgroup row sum, exchanged at the end
+  // consumer 0 -> 1: [0][row] the current page's rescale factors ([1] unused since split-S was deleted;
+  // kept so that the layout, and the measured SASS, stay unchanged)
+  float row_max[kNumConsumerWG][kBlockM];
+  // consumer 0 -> 1 at a request's end: [0][row] final row sum, [1][row] final row max
+  float row_sum[kNumConsumerWG][kBlockM];
   alignas(8) uint64_t full_bar[kNumStages];
   alignas(8) uint64_t empty_bar[kNumStages];
 };

@@ -54,13 +54,15 @@ def test_wrapper_refuses_cpu_tensors():
 
 
 def test_kernel_knobs_reject_unknown_values(monkeypatch):
-    """A mistyped MLASERVE_MLA_KERNEL / MLASERVE_MLA_SCHED is a ValueError naming the knob and the choices."""
+    """A mistyped MLASERVE_MLA_SCHED is a ValueError naming the knob and the choices."""
     from mlaserve.worker.kernels import sm90
 
-    monkeypatch.setenv("MLASERVE_MLA_KERNEL", "SeeSaw")
-    assert sm90._env_choice("MLASERVE_MLA_KERNEL", sm90._SCHEDULES, "solo") == sm90._SCHEDULES["seesaw"]
-    monkeypatch.setenv("MLASERVE_MLA_KERNEL", "pingpong")
-    with pytest.raises(ValueError, match=r"MLASERVE_MLA_KERNEL='pingpong'.*split, solo, seesaw"):
-        sm90._env_choice("MLASERVE_MLA_KERNEL", sm90._SCHEDULES, "solo")
+    monkeypatch.setenv("MLASERVE_MLA_SCHED", "Pack")
+    assert sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto") == sm90._PLANS["pack"]
+    monkeypatch.setenv("MLASERVE_MLA_SCHED", "greedy")
+    with pytest.raises(ValueError, match=r"MLASERVE_MLA_SCHED='greedy'.*auto, even, pack"):
+        sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto")
     monkeypatch.delenv("MLASERVE_MLA_SCHED", raising=False)
     assert sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto") == sm90._PLANS["auto"]
+    # one consumer schedule is left: its knob is gone, not silently ignored by a bench variant
+    assert "MLASERVE_MLA_KERNEL" not in sm90.KNOBS

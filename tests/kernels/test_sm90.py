@@ -265,12 +265,13 @@ def test_argument_errors_name_the_argument(seed):
         sm90.get_mla_metadata(seq.long(), 16, 1)
 
 
-@pytest.mark.parametrize("kernel", ["split", "solo", "seesaw"])
+@pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("sched", ["even", "pack", "auto"])
-def test_kernel_and_scheduler_variants(seed, monkeypatch, kernel, sched):
-    """Every consumer schedule (MLASERVE_MLA_KERNEL) and split plan (MLASERVE_MLA_SCHED) is exact."""
-    monkeypatch.setenv("MLASERVE_MLA_KERNEL", kernel)
+def test_scheduler_and_pdl_variants(seed, monkeypatch, sched, pdl):
+    """The kernel (one consumer schedule) is exact under every split plan (MLASERVE_MLA_SCHED), with the
+    combine launched with and without programmatic dependent launch (MLASERVE_MLA_PDL)."""
     monkeypatch.setenv("MLASERVE_MLA_SCHED", sched)
+    monkeypatch.setenv("MLASERVE_MLA_PDL", pdl)
     gen = torch.Generator().manual_seed(seed)
     for seqlens, s_q, h_q, h_kv in (
         ([0] + _lens(gen, 40, 1, 4000), 2, 64, 1),

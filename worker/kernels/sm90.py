@@ -35,10 +35,12 @@ except ImportError:  # extension not built (MLASERVE_CUDA=OFF or no nvcc at inst
 BLOCK_M = 64  # query rows per CTA tile
 METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
-# consumer schedules of the main kernel (csrc/mla_kernel.cuh); MLASERVE_MLA_KERNEL picks one
-_SCHEDULES = {"split": 0, "solo": 1, "seesaw": 2}
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
+# The environment knobs read here (for measuring variants; each defaults to the best measured):
+#   MLASERVE_MLA_SCHED=auto|even|pack  split plan, read by get_mla_metadata
+#   MLASERVE_MLA_PDL=1|0               combine launched as a programmatic dependent of the main kernel
+KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL")
 
 
 def _env_choice(name: str, choices: dict[str, int], default: str) -> int:
@@ -255,10 +257,16 @@ def flash_mla_with_kvcache(
         scale,
         bool(causal),
         os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
-        _env_choice("MLASERVE_MLA_KERNEL", _SCHEDULES, "solo"),
         stream,
     )
     return out, lse
 
 
-__all__ = ["PAGE_SIZE", "flash_mla_with_kvcache", "get_mla_metadata", "is_supported", "num_parts_for"]
+__all__ = [
+    "KNOBS",
+    "PAGE_SIZE",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "is_supported",
+    "num_parts_for",
+]
