@@ -17,7 +17,9 @@ import time
 
 from mlaserve.cluster.commands.options import (
     add_auth_token_argument,
+    add_client_tls_arguments,
     add_sampling_arguments,
+    client_tls_from_args,
     sampling_from_args,
 )
 from mlaserve.worker.types import SamplingParams
@@ -61,6 +63,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=None, help="deadline per request in seconds (--server)"
     )
     add_auth_token_argument(parser, "bearer token for --server")
+    add_client_tls_arguments(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,9 +138,11 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
 
     from mlaserve.cluster.client import DecoderClient
 
+    tls = client_tls_from_args(args)  # TLSConfigError (ValueError): exit 2 naming the flag
+
     async def ask() -> list[tuple[str, float, object]]:
         stats = []
-        async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token) as client:
+        async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token, tls=tls) as client:
             for i, prompt in enumerate(prompts):
                 if i:
                     print()

@@ -9,7 +9,11 @@ import sys
 
 import grpc
 
-from mlaserve.cluster.commands.options import add_auth_token_argument
+from mlaserve.cluster.commands.options import (
+    add_auth_token_argument,
+    add_client_tls_arguments,
+    client_tls_from_args,
+)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -23,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     parser.add_argument("--json", action="store_true", help="print the ClusterStatus message as JSON")
     add_auth_token_argument(parser, "bearer token")
+    add_client_tls_arguments(parser)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -30,7 +35,8 @@ async def _status(args: argparse.Namespace) -> int:
 
     from mlaserve.cluster.client import DecoderClient, format_status_table
 
-    async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token) as client:
+    tls = client_tls_from_args(args)
+    async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token, tls=tls) as client:
         status = await client.status()
     if args.json:
         print(
