@@ -191,6 +191,21 @@ class DecoderClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+def rpc_error_hint(error: grpc.aio.AioRpcError, tls: ClientTLSConfig | None) -> str:
+    """A hint for an RPC that failed before reaching the server (UNAVAILABLE), where TLS may be why."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = error.details() or ""
+    if tls is not None and ("handshake" in details.lower() or "socket closed" in details.lower()):
+        return (
+            " (the TLS handshake failed: does --tls-ca hold the CA of the server's certificate, and "
+            "does the server want a client certificate, --tls-cert/--tls-key?)"
+        )
+    if tls is None and "socket closed" in details.lower():
+        return " (a server that speaks TLS closes plaintext connections: see --tls-ca)"
+    return ""
+
+
 def format_status_table(status: pb.ClusterStatus) -> str:
     """A plain-text table of the cluster's workers, with a totals line."""
     header = ("WORKER", "DEVICE", "HEALTH", "PAGES USED/TOTAL", "OCC", "RUN", "WAIT", "TOK/S", "RESTARTS")

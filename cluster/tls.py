@@ -290,7 +290,7 @@ def exposure_warnings(host: str, tls: TLSConfig | None, auth_token: str | None) 
     out = []
     if tls is None:
         out.append(
-            f"{where}, without TLS: requests, answers{' and the bearer token' if auth_token else ''} "
+            f"{where}, without TLS: requests{', answers and the bearer token' if auth_token else ' and answers'} "
             "travel in clear text; set --tls-cert/--tls-key"
         )
     if not auth_token and (tls is None or not tls.mutual):

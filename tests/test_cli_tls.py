@@ -74,15 +74,16 @@ def test_generate_and_status_over_mutual_tls(gateway, certs, capsys):
     assert all(w in out for w in gateway.pool.workers) and "serving" in out
 
     refused = [
-        (client_flags(certs, cert=False), "UNAVAILABLE"),  # no client certificate: the handshake fails
-        (["--auth-token", TOKEN], "UNAVAILABLE"),  # plaintext against a TLS port
-        (client_flags(certs, token="wrong"), "UNAUTHENTICATED"),
-        (client_flags(certs, token=None), "UNAUTHENTICATED"),
+        (client_flags(certs, cert=False), "UNAVAILABLE", "the TLS handshake failed"),  # no client certificate
+        (["--tls-ca", certs.other_ca, "--auth-token", TOKEN], "UNAVAILABLE", "the TLS handshake failed"),
+        (["--auth-token", TOKEN], "UNAVAILABLE", "speaks TLS"),  # plaintext against a TLS port
+        (client_flags(certs, token="wrong"), "UNAUTHENTICATED", "bearer token"),
+        (client_flags(certs, token=None), "UNAUTHENTICATED", "bearer token"),
     ]
-    for flags, code in refused:
+    for flags, code, hint in refused:
         assert cli.main([*gen, *flags]) == 1, flags
         err = capsys.readouterr().err
-        assert f"{addr}: {code}" in err, (flags, err)
+        assert f"{addr}: {code}" in err and hint in err, (flags, err)
     assert cli.main(["status", "--server", addr, "--timeout", "5", *client_flags(certs, cert=False)]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
 

@@ -136,7 +136,7 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
 
     import grpc
 
-    from mlaserve.cluster.client import DecoderClient
+    from mlaserve.cluster.client import DecoderClient, rpc_error_hint
 
     tls = client_tls_from_args(args)  # TLSConfigError (ValueError): exit 2 naming the flag
 
@@ -164,7 +164,8 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
     try:
         stats = asyncio.run(ask())
     except grpc.aio.AioRpcError as e:
-        print(f"mlaserve generate: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        hint = rpc_error_hint(e, tls)
+        print(f"mlaserve generate: {args.server}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
         return 1
     if args.stats:
         for i, (worker, seconds, answer) in enumerate(stats):
