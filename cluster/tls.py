@@ -175,7 +175,11 @@ class TLSConfig:
     def ssl_context(self) -> ssl.SSLContext:
         """A stdlib server-side SSLContext over the same files (for an HTTP server beside the gRPC one)."""
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(Path(self.cert_file).expanduser()), str(Path(self.key_file).expanduser()))
+        ctx.load_cert_chain(
+            str(Path(self.cert_file).expanduser()),
+            str(Path(self.key_file).expanduser()),
+            password=_no_passphrase,
+        )
         if self.client_ca_file is not None:
             ctx.load_verify_locations(cafile=str(Path(self.client_ca_file).expanduser()))
             ctx.verify_mode = ssl.CERT_REQUIRED
