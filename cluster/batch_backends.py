@@ -1,6 +1,6 @@
 """The two real `generate(request) -> Completion` callables of the batch runner.
 
-- `grpc_backend(server)`: through a gateway (`mlaserve serve`) with the unary Generate RPC; gRPC
+- `grpc_backend(server, tls=...)`: through a gateway (`mlaserve serve`, plaintext or TLS) with the unary Generate RPC; gRPC
   status codes map back to the cluster's errors (RESOURCE_EXHAUSTED -> QueueFull, UNAVAILABLE ->
   Draining, INVALID_ARGUMENT -> InvalidRequest with the field the server named).
 - `pool_backend(pool_config)`: an in-process WorkerPool on the Ray cluster this process joined
@@ -17,6 +17,7 @@ from typing import Any
 from mlaserve.cluster.batch import GenerateFn
 from mlaserve.cluster.batch_records import Completion
 from mlaserve.cluster.errors import Draining, InvalidRequest, QueueFull
+from mlaserve.cluster.tls import ClientTLSConfig
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest
 
 
@@ -81,15 +82,20 @@ def _error_from_rpc(error: Any) -> Exception:
 
 @contextlib.asynccontextmanager
 async def grpc_backend(
-    server: str, *, timeout: float | None = None, token: str | None = None, connect_timeout: float = 30.0
+    server: str,
+    *,
+    timeout: float | None = None,
+    token: str | None = None,
+    tls: ClientTLSConfig | None = None,
+    connect_timeout: float = 30.0,
 ) -> AsyncIterator[GenerateFn]:
     """Requests through the gateway at HOST:PORT; `timeout` is each request's deadline in seconds,
-    `token` the gateway's bearer token if it requires one."""
+    `token` the gateway's bearer token if it requires one, `tls` its TLS settings (None: plaintext)."""
     import grpc
 
     from mlaserve.cluster.client import DecoderClient
 
-    async with DecoderClient(server, timeout=timeout, token=token) as client:
+    async with DecoderClient(server, timeout=timeout, token=token, tls=tls) as client:
         await client.wait_ready(connect_timeout)
 
         async def generate(request: GenerationRequest) -> Completion:

@@ -6,6 +6,10 @@
         answer = await client.generate("Hello", sampling=SamplingParams(max_tokens=8, temperature=0))
         print(format_status_table(await client.status()))
 
+Over TLS: `DecoderClient(target, tls=ClientTLSConfig.from_files(ca="ca.crt"))` (cluster/tls.py; add a
+client certificate for a gateway that requires one). The bearer token then travels as gRPC call
+credentials, which gRPC attaches to secure channels only.
+
 Failures raise `grpc.aio.AioRpcError` as gRPC clients expect: `.code()` is the status
 (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) and `.details()` the
 server's message, which names the bad field ("sampling.top_p: must be in (0, 1], got 0").
@@ -28,6 +32,7 @@ from mlaserve.cluster.service import (
     sampling_to_proto,
     usage_from_proto,
 )
+from mlaserve.cluster.tls import ClientTLSConfig
 from mlaserve.cluster.types import ClusterDelta
 from mlaserve.protos import decoder_pb2 as pb
 from mlaserve.protos import decoder_pb2_grpc as pb_grpc
@@ -85,22 +90,28 @@ class DecoderClient:
         *,
         timeout: float | None = None,
         token: str | None = None,
+        tls: ClientTLSConfig | None = None,
         max_message_bytes: int = 4 << 20,
     ) -> None:
         """`target` is HOST:PORT; `timeout` the default deadline of each RPC in seconds; `token` the
-        server's bearer token, if it requires one."""
+        server's bearer token, if it requires one; `tls` the TLS settings (None: plaintext)."""
         if not target or ":" not in target:
             raise ValueError(f"server address must be HOST:PORT, got {target!r}")
         self.target = target
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.tls = tls
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls is None:
+            self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:  # the token rides on the channel's call credentials
+            self._metadata = None
+            self._channel = grpc.aio.secure_channel(
+                target, tls.channel_credentials(token), options=options + tls.channel_options()
+            )
         self._stub = pb_grpc.DecoderStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -118,7 +129,15 @@ class DecoderClient:
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except asyncio.TimeoutError as e:
-            raise TimeoutError(f"no mlaserve server answered at {self.target} within {timeout:.0f} s") from e
+            hint = (
+                " (or its TLS handshake failed: check --tls-ca, and --tls-cert/--tls-key where it "
+                "requires client certificates)"
+                if self.tls is not None
+                else " (or it serves TLS only: see --tls-ca)"
+            )
+            raise TimeoutError(
+                f"no mlaserve server answered at {self.target} within {timeout:.0f} s{hint}"
+            ) from e
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -170,6 +189,21 @@ class DecoderClient:
             health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout)
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def rpc_error_hint(error: grpc.aio.AioRpcError, tls: ClientTLSConfig | None) -> str:
+    """A hint for an RPC that failed before reaching the server (UNAVAILABLE), where TLS may be why."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = error.details() or ""
+    if tls is not None and ("handshake" in details.lower() or "socket closed" in details.lower()):
+        return (
+            " (the TLS handshake failed: does --tls-ca hold the CA of the server's certificate, and "
+            "does the server want a client certificate, --tls-cert/--tls-key?)"
+        )
+    if tls is None and "socket closed" in details.lower():
+        return " (a server that speaks TLS closes plaintext connections: see --tls-ca)"
+    return ""
 
 
 def format_status_table(status: pb.ClusterStatus) -> str:

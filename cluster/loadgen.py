@@ -1,7 +1,7 @@
 """A gRPC load generator for `mlaserve bench serve`: pure asyncio over `DecoderClient`.
 
     cfg = LoadConfig(requests=200, concurrency=32, prompt_len=512, max_tokens=128)
-    async with DecoderClient("127.0.0.1:50051") as client:
+    async with DecoderClient("127.0.0.1:50051") as client:  # tls=ClientTLSConfig(...) for a TLS gateway
         result = await run_load(client, cfg)
     print(format_result(result, bound_tokens_per_s=None))
 

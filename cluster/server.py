@@ -5,6 +5,12 @@ One `GatewayServer` serves `mlaserve.v1.Decoder` (cluster/service.py), the stand
 limits on message size and concurrent RPCs, and Prometheus metrics on an HTTP port. It does not
 own the pool: whoever made the pool starts it before and shuts it down after the server.
 
+With `ServerConfig.tls` (cluster/tls.py) every service, health and reflection included, is served
+over TLS only, and with a client CA only to clients holding a certificate it signed (mutual TLS).
+The bearer token guards the Decoder RPCs; health and reflection need none. A gateway bound beyond
+loopback without TLS, or without any client authentication, logs a warning at start naming the
+flag to set.
+
     server = GatewayServer(pool, ServerConfig(port=50051, metrics_port=9090))
     await server.start()
     ...
@@ -25,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mlaserve.cluster.metrics import GatewayMetrics
 from mlaserve.cluster.service import SERVICE_NAME, DecoderService, Pool, ServiceLimits, pool_counters
+from mlaserve.cluster.tls import TLSConfig, exposure_warnings
 from mlaserve.protos import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ class ServerConfig:
     drain_timeout_s: float = 60.0  # how long drain() waits for in-flight requests
     stop_grace_s: float = 5.0  # grace given to RPCs still open when the server stops
     auth_token: str | None = field(default=None, repr=False)  # Decoder RPCs need "authorization: Bearer <it>"
+    tls: TLSConfig | None = None  # None: plaintext; set: TLS (mutual with tls.client_ca_file)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -107,7 +115,10 @@ class GatewayServer:
         )
         bind = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         try:
-            port = server.add_insecure_port(bind)
+            if cfg.tls is None:
+                port = server.add_insecure_port(bind)
+            else:
+                port = server.add_secure_port(bind, cfg.tls.server_credentials())
         except RuntimeError as e:
             raise OSError(f"cannot bind the gRPC server to {bind}: {e}") from e
         if port == 0:
@@ -119,7 +130,16 @@ class GatewayServer:
         if cfg.metrics_port is not None:
             self.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
         self._poller = asyncio.create_task(self._poll_status(), name="mlaserve-status-poller")
-        log.info("gRPC gateway on %s (metrics: %s)", self.address, self.metrics_port)
+        log.info(
+            "gRPC gateway on %s:%d, %s%s (metrics: %s)",
+            cfg.host,
+            port,
+            cfg.tls.describe() if cfg.tls else "plaintext",
+            ", bearer token required" if cfg.auth_token else "",
+            self.metrics_port,
+        )
+        for warning in exposure_warnings(cfg.host, cfg.tls, cfg.auth_token):
+            log.warning("%s", warning)
         return port
 
     async def refresh_metrics(self) -> None:

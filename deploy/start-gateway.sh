@@ -21,6 +21,16 @@
 #   MLASERVE_GPUS_PER_WORKER  GPUs each worker holds (1): explicit, because the gateway starts
 #                         before the autoscaler has launched any GPU node
 #   MLASERVE_AUTH_TOKEN   bearer token the gateway requires (unset: none)
+#   MLASERVE_TLS_DIR      (~/mlaserve-tls) certificates made by deploy/make-certs.sh, made there on
+#                         the first start: the gateway serves mutual TLS with them (its server
+#                         certificate; clients need a certificate from its CA, in DIR/client/).
+#                         `off`: no TLS (then bind to loopback or require a token). Not used when
+#                         MLASERVE_TLS_CERT/KEY name certificates of your own:
+#   MLASERVE_TLS_CERT, MLASERVE_TLS_KEY   the gateway's certificate and key (--tls-cert/--tls-key)
+#   MLASERVE_TLS_CLIENT_CA  accept only clients with a certificate this CA signed (--tls-client-ca)
+#   MLASERVE_TLS_CA, MLASERVE_TLS_CLIENT_CERT, MLASERVE_TLS_CLIENT_KEY   how the readiness check
+#                         (`mlaserve status` on localhost) connects: the CA of the gateway's
+#                         certificate (unset: the system's roots), a client certificate for mTLS
 #   MLASERVE_SERVE_ARGS   anything else for `mlaserve serve`
 set -euo pipefail
 
@@ -42,10 +52,32 @@ RESTART_DELAY_S=${MLASERVE_GATEWAY_RESTART_DELAY_S:-10}
 WAIT_S=${MLASERVE_GATEWAY_WAIT_S:-600}
 EXITED="mlaserve gateway: serve exited with status"
 
+TLS_DIR=${MLASERVE_TLS_DIR-$HOME/mlaserve-tls}
+TLS_DIR=${TLS_DIR/#\~/$HOME}
+if [[ -z "${MLASERVE_TLS_CERT:-}${MLASERVE_TLS_KEY:-}" && -n "$TLS_DIR" && "$TLS_DIR" != off ]]; then
+  if [[ "${1:-}" != --stop && (! -f "$TLS_DIR/server.crt" || ! -f "$TLS_DIR/client/client.crt") ]]; then
+    bash "$(dirname "${BASH_SOURCE[0]}")/make-certs.sh" "$TLS_DIR"
+  fi
+  export MLASERVE_TLS_CERT=$TLS_DIR/server.crt MLASERVE_TLS_KEY=$TLS_DIR/server.key
+  export MLASERVE_TLS_CLIENT_CA=${MLASERVE_TLS_CLIENT_CA:-$TLS_DIR/ca.crt}
+  export MLASERVE_TLS_CA=${MLASERVE_TLS_CA:-$TLS_DIR/client/ca.crt}
+  export MLASERVE_TLS_CLIENT_CERT=${MLASERVE_TLS_CLIENT_CERT:-$TLS_DIR/client/client.crt}
+  export MLASERVE_TLS_CLIENT_KEY=${MLASERVE_TLS_CLIENT_KEY:-$TLS_DIR/client/client.key}
+fi
+TLS_ARGS=()
+PROBE_ARGS=(--server "localhost:$PORT")
+if [[ -n "${MLASERVE_TLS_CERT:-}${MLASERVE_TLS_KEY:-}" ]]; then
+  TLS_ARGS+=(--tls-cert "${MLASERVE_TLS_CERT:-}" --tls-key "${MLASERVE_TLS_KEY:-}")
+  PROBE_ARGS+=(--tls)  # MLASERVE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY from the environment
+fi
+if [[ -n "${MLASERVE_TLS_CLIENT_CA:-}" ]]; then
+  TLS_ARGS+=(--tls-client-ca "$MLASERVE_TLS_CLIENT_CA")
+fi
+
 # shellcheck disable=SC2206
 CMD=(mlaserve serve --address auto --host 0.0.0.0 --port "$PORT" --model "$MODEL"
   --min-workers "$MIN_WORKERS" --max-workers "$MAX_WORKERS" --num-gpus-per-worker "$GPUS_PER_WORKER"
-  ${MLASERVE_SERVE_ARGS:-})
+  ${TLS_ARGS[@]+"${TLS_ARGS[@]}"} ${MLASERVE_SERVE_ARGS:-})
 
 alive() {  # a running process (a zombie nobody has reaped yet counts as gone)
   [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
@@ -113,6 +145,7 @@ for _ in $(seq 1 100); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
 # Ready once `mlaserve status` gets an answer through the port (the first GPU node and the model
 # can take many minutes).
 [[ "$WAIT_S" -gt 0 ]] || exit 0
+answer=""
 for _ in $(seq 1 "$WAIT_S"); do
   if tail -c "+$((offset + 1))" "$LOG" | grep -q "$EXITED" || ! alive "$(cat "$PIDFILE")"; then
     echo "the gateway failed to start; last lines of $LOG:" >&2
@@ -120,10 +153,11 @@ for _ in $(seq 1 "$WAIT_S"); do
     stop_previous >/dev/null
     exit 1
   fi
-  if mlaserve status --server "localhost:$PORT" >/dev/null 2>&1; then
-    echo "gateway ready on port $PORT"
+  if answer=$(mlaserve status "${PROBE_ARGS[@]}" 2>&1 >/dev/null); then
+    echo "gateway ready on port $PORT${TLS_ARGS[*]:+ (TLS)}"
     exit 0
   fi
   sleep 1
 done
 echo "the gateway did not answer on port $PORT within $WAIT_S s (still loading?); see $LOG" >&2
+[[ -z "$answer" ]] || echo "last answer of \`mlaserve status ${PROBE_ARGS[*]}\`: ${answer##*$'\n'}" >&2

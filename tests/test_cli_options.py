@@ -77,3 +77,47 @@ def test_bad_sampling_flag_is_a_value_error_naming_it(tmp_path):
     args = _parser(batch).parse_args(["--input", str(_empty(tmp_path)), "--output", "o", "--top-p", "0"])
     with pytest.raises(ValueError, match="top_p"):
         batch._config(args)
+
+
+CLIENT_TLS_ENV = {
+    "tls_ca": "MLASERVE_TLS_CA",
+    "tls_cert": "MLASERVE_TLS_CLIENT_CERT",
+    "tls_key": "MLASERVE_TLS_CLIENT_KEY",
+    "tls_server_name": "MLASERVE_TLS_SERVER_NAME",
+}
+
+
+@pytest.mark.parametrize("command", ["batch", "generate", "status", "bench serve"])
+def test_client_tls_flags_and_environment_defaults(monkeypatch, command):
+    """Every client command takes the same TLS flags, each defaulting to its own variable; the client
+    certificate's variables differ from the gateway's MLASERVE_TLS_CERT / MLASERVE_TLS_KEY."""
+    module = {"batch": batch, "generate": generate, "status": status, "bench serve": bench}[command]
+    required = {
+        "batch": ["--input", "in.jsonl", "--output", "out.jsonl"],
+        "generate": ["--prompt", "hi"],
+        "bench serve": ["serve"],
+    }.get(command, [])
+    for var in (*CLIENT_TLS_ENV.values(), "MLASERVE_TLS_CERT", "MLASERVE_TLS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    args = _parser(module).parse_args(required)
+    assert [getattr(args, a) for a in CLIENT_TLS_ENV] == [None] * 4 and args.tls is False
+    monkeypatch.setenv("MLASERVE_TLS_CERT", "gateway.crt")  # the gateway's: not a client default
+    for attr, var in CLIENT_TLS_ENV.items():
+        monkeypatch.setenv(var, f"env-{attr}")
+    args = _parser(module).parse_args(required)
+    assert [getattr(args, a) for a in CLIENT_TLS_ENV] == [f"env-{a}" for a in CLIENT_TLS_ENV]
+    flags = ["--tls", "--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c", "--tls-server-name", "d"]
+    args = _parser(module).parse_args([*required, *flags])
+    assert [getattr(args, a) for a in CLIENT_TLS_ENV] == ["a", "b", "c", "d"] and args.tls is True
+
+
+def test_serve_tls_flags_have_no_environment_defaults(monkeypatch):
+    """The gateway's files come from its flags only (deploy/start-gateway.sh passes them)."""
+    for var in ("MLASERVE_TLS_CERT", "MLASERVE_TLS_KEY", "MLASERVE_TLS_CA", "MLASERVE_TLS_CLIENT_CERT"):
+        monkeypatch.setenv(var, "x.pem")
+    args = _parser(serve).parse_args([])
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (None, None, None)
+    args = _parser(serve).parse_args(
+        ["--tls-cert", "s.crt", "--tls-key", "s.key", "--tls-client-ca", "ca.crt"]
+    )
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == ("s.crt", "s.key", "ca.crt")

@@ -90,12 +90,12 @@ def test_serve_engine_flags_reach_the_pool_config():
 class BackgroundGateway:
     """A GatewayServer over a FakePool, its loop in a thread (the CLI runs its own loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ServerConfig | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.pool = FakePool(step_s=0.002)
-        self.server = GatewayServer(self.pool, ServerConfig(host="127.0.0.1", port=0))
+        self.server = GatewayServer(self.pool, config or ServerConfig(host="127.0.0.1", port=0))
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
 
     def close(self) -> None:

@@ -30,7 +30,9 @@ from mlaserve.cluster.batch import BatchConfig, BatchSummary, GenerateFn, run_ba
 from mlaserve.cluster.batch_records import OutputCorrupt
 from mlaserve.cluster.commands.options import (
     add_auth_token_argument,
+    add_client_tls_arguments,
     add_sampling_arguments,
+    client_tls_from_args,
     sampling_from_args,
 )
 
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-timeout", type=float, default=None, help="seconds per request (with --server)"
     )
     add_auth_token_argument(parser, "the gateway's bearer token (with --server)")
+    add_client_tls_arguments(parser.add_argument_group("TLS to the gateway (with --server)"))
     parser.add_argument(
         "--max-attempts", type=int, default=5, help="tries per request while the cluster is full or draining"
     )
@@ -87,7 +90,9 @@ def _backend(args: argparse.Namespace) -> AbstractAsyncContextManager[GenerateFn
     from mlaserve.cluster import batch_backends
 
     if args.server:
-        return batch_backends.grpc_backend(args.server, timeout=args.request_timeout, token=args.auth_token)
+        return batch_backends.grpc_backend(
+            args.server, timeout=args.request_timeout, token=args.auth_token, tls=client_tls_from_args(args)
+        )
     from mlaserve.cluster.commands.serve import init_ray, pool_config_from_args
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"

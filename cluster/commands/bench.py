@@ -15,7 +15,11 @@ import sys
 import time
 from dataclasses import replace
 
-from mlaserve.cluster.commands.options import add_auth_token_argument
+from mlaserve.cluster.commands.options import (
+    add_auth_token_argument,
+    add_client_tls_arguments,
+    client_tls_from_args,
+)
 from mlaserve.cluster.router import POLICIES
 
 
@@ -69,6 +73,7 @@ def _add_serve_arguments(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
     add_auth_token_argument(serve, "bearer token")
+    add_client_tls_arguments(serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -90,11 +95,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             varlen=args.varlen,
             timeout_s=args.timeout,
         )
+        tls = client_tls_from_args(args)
     except ValueError as e:
         raise SystemExit(f"mlaserve bench serve: {e}") from None
 
     async def go():
-        async with DecoderClient(args.server, token=args.auth_token) as client:
+        async with DecoderClient(args.server, token=args.auth_token, tls=tls) as client:
             await client.wait_ready()
             return await run_load(client, cfg)
 

@@ -17,7 +17,9 @@ import time
 
 from mlaserve.cluster.commands.options import (
     add_auth_token_argument,
+    add_client_tls_arguments,
     add_sampling_arguments,
+    client_tls_from_args,
     sampling_from_args,
 )
 from mlaserve.worker.types import SamplingParams
@@ -61,6 +63,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=None, help="deadline per request in seconds (--server)"
     )
     add_auth_token_argument(parser, "bearer token for --server")
+    add_client_tls_arguments(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,11 +136,13 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
 
     import grpc
 
-    from mlaserve.cluster.client import DecoderClient
+    from mlaserve.cluster.client import DecoderClient, rpc_error_hint
+
+    tls = client_tls_from_args(args)  # TLSConfigError (ValueError): exit 2 naming the flag
 
     async def ask() -> list[tuple[str, float, object]]:
         stats = []
-        async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token) as client:
+        async with DecoderClient(args.server, timeout=args.timeout, token=args.auth_token, tls=tls) as client:
             for i, prompt in enumerate(prompts):
                 if i:
                     print()
@@ -159,7 +164,8 @@ def run_remote(args: argparse.Namespace, sampling: SamplingParams, prompts: list
     try:
         stats = asyncio.run(ask())
     except grpc.aio.AioRpcError as e:
-        print(f"mlaserve generate: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        hint = rpc_error_hint(e, tls)
+        print(f"mlaserve generate: {args.server}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
         return 1
     if args.stats:
         for i, (worker, seconds, answer) in enumerate(stats):

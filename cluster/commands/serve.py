@@ -1,10 +1,10 @@
 """`mlaserve serve`: start the Ray workers and the gRPC gateway; run until SIGINT/SIGTERM, then drain.
 
 Joins the Ray cluster at --address (or RAY_ADDRESS), else starts a local one. The gateway serves
-mlaserve.v1.Decoder, grpc.health.v1 and reflection on --host:--port, Prometheus metrics on
---metrics-port. On SIGINT/SIGTERM it stops taking requests (health NOT_SERVING, new RPCs
-UNAVAILABLE), lets in-flight requests finish (up to --drain-timeout), then shuts down; a second
-signal skips the wait.
+mlaserve.v1.Decoder, grpc.health.v1 and reflection on --host:--port (TLS with --tls-cert/--tls-key,
+mutual TLS with --tls-client-ca), Prometheus metrics on --metrics-port. On SIGINT/SIGTERM it stops
+taking requests (health NOT_SERVING, new RPCs UNAVAILABLE), lets in-flight requests finish (up to
+--drain-timeout), then shuts down; a second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlaserve.cluster.commands.options import add_auth_token_argument
+from mlaserve.cluster.commands.options import (
+    add_auth_token_argument,
+    add_server_tls_arguments,
+    server_tls_from_args,
+)
 from mlaserve.cluster.router import POLICIES
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 from mlaserve.cluster.service import ServiceLimits
@@ -94,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s, help="seconds")
     add_auth_token_argument(parser, "require 'authorization: Bearer TOKEN' on Decoder RPCs (unset: open)")
+    add_server_tls_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -125,6 +130,7 @@ def pool_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The gateway's config; ValueError naming the bad flag (a TLS file, a limit)."""
     limits = ServiceLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
     return ServerConfig(
         host=args.host,
@@ -134,6 +140,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         drain_timeout_s=args.drain_timeout,
         auth_token=args.auth_token or None,
+        tls=server_tls_from_args(args),
     )
 
 
@@ -171,7 +178,7 @@ async def running_gateway(pool_config: Any, server_config: ServerConfig) -> Asyn
         await pool.shutdown()
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, server_config: ServerConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -184,10 +191,11 @@ async def _serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    async with running_gateway(pool_config_from_args(args), server_config_from_args(args)) as server:
+    async with running_gateway(pool_config_from_args(args), server_config) as server:
         metrics = f", metrics on http://{server.config.metrics_host}:{server.metrics_port}/metrics"
         print(
             f"mlaserve: serving {args.model} on {server.config.host}:{server.port}"
+            f"{' (' + server.config.tls.describe() + ')' if server.config.tls else ''}"
             f"{metrics if server.metrics_port else ''}; Ctrl-C to drain and stop",
             flush=True,
         )
@@ -201,9 +209,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:  # before Ray and the workers start: a bad TLS file or limit fails in a second
+        server_config = server_config_from_args(args)
+    except ValueError as e:
+        print(f"mlaserve serve: {e}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     try:
-        return asyncio.run(_serve(args))
+        return asyncio.run(_serve(args, server_config))
     except asyncio.CancelledError:
         return 130
     except OSError as e:

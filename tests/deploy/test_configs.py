@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -192,8 +193,9 @@ def _fake_mlaserve(bin_dir: Path, record: Path) -> None:
             f"""\
             #!{sys.executable}
             import json, os, sys, time
+            tls_env = {{k: v for k, v in os.environ.items() if k.startswith("MLASERVE_TLS")}}
             with open({str(record)!r}, "a") as f:
-                f.write(json.dumps({{"argv": sys.argv[1:], "pid": os.getpid()}}) + "\\n")
+                f.write(json.dumps({{"argv": sys.argv[1:], "pid": os.getpid(), "env": tls_env}}) + "\\n")
             if sys.argv[1] == "serve":
                 print("fake serve starting", flush=True)
                 time.sleep(float(os.environ.get("FAKE_SERVE_SECONDS", "0")))
@@ -239,9 +241,15 @@ def _wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return [p for p in pids if _running(p)]
 
 
+PLAINTEXT = {"MLASERVE_TLS_DIR": "off"}  # the supervision tests below need no certificates (nor openssl)
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl"
+)
+
+
 def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
     (tmp_path / "mlaserve.env").write_text("MLASERVE_MODEL=/mnt/models/from-env-file\nMLASERVE_PORT=6000\n")
-    done, calls = _gateway_script(tmp_path, "--foreground", env={"MLASERVE_PORT": "7000"})
+    done, calls = _gateway_script(tmp_path, "--foreground", env={"MLASERVE_PORT": "7000", **PLAINTEXT})
     assert done.returncode == 0, done.stderr
     assert len(calls) == 1 and calls[0]["argv"][0] == "serve", calls
     argv = calls[0]["argv"][1:]
@@ -263,10 +271,72 @@ def test_start_gateway_builds_a_serve_command_the_cli_accepts(tmp_path: Path):
     pool_config = serve.pool_config_from_args(args)
     assert pool_config.num_gpus_per_worker == 1.0
     assert pool_config.model == "/mnt/models/from-env-file"
+    assert serve.server_config_from_args(args).tls is None and "--tls-cert" not in argv
+
+
+def _serve_args(argv: list[str]):
+    import argparse
+
+    from mlaserve.cluster.commands import serve
+
+    parser = argparse.ArgumentParser(prog="mlaserve serve")
+    serve.add_arguments(parser)
+    return serve, parser.parse_args(argv)
+
+
+@needs_openssl
+def test_start_gateway_serves_mutual_tls_by_default_and_its_probe_uses_it(tmp_path: Path):
+    """No TLS setting at all: certificates are made in ~/mlaserve-tls, the gateway gets them as flags
+    (checked by the real TLSConfig), and the readiness probe connects with the client bundle."""
+    env = {"MLASERVE_GATEWAY_WAIT_S": "30", "FAKE_SERVE_SECONDS": "120"}
+    done, calls = _gateway_script(tmp_path, env=env)
+    try:
+        assert done.returncode == 0 and "gateway ready on port 50051 (TLS)" in done.stdout, (
+            done.stdout,
+            done.stderr,
+        )
+        by_command = {c["argv"][0]: c for c in calls}
+        tls_dir = tmp_path / "mlaserve-tls"
+        argv = by_command["serve"]["argv"][1:]
+        assert argv[argv.index("--tls-cert") + 1] == str(tls_dir / "server.crt")
+        assert argv[argv.index("--tls-key") + 1] == str(tls_dir / "server.key")
+        assert argv[argv.index("--tls-client-ca") + 1] == str(tls_dir / "ca.crt")
+        serve, args = _serve_args(argv)
+        tls = serve.server_config_from_args(args).tls
+        assert tls is not None and tls.mutual
+
+        probe = by_command["status"]
+        assert probe["argv"][1:] == ["--server", "localhost:50051", "--tls"]
+        assert probe["env"]["MLASERVE_TLS_CA"] == str(tls_dir / "client" / "ca.crt")
+        assert probe["env"]["MLASERVE_TLS_CLIENT_CERT"] == str(tls_dir / "client" / "client.crt")
+        assert probe["env"]["MLASERVE_TLS_CLIENT_KEY"] == str(tls_dir / "client" / "client.key")
+    finally:
+        _gateway_script(tmp_path, "--stop", env=env)
+
+
+def test_start_gateway_takes_certificates_of_your_own(tmp_path: Path):
+    env = {
+        "MLASERVE_TLS_CERT": "/etc/mlaserve/gw.crt",
+        "MLASERVE_TLS_KEY": "/etc/mlaserve/gw.key",
+        "MLASERVE_AUTH_TOKEN": "t0k",
+    }
+    done, calls = _gateway_script(tmp_path, "--foreground", env=env)
+    assert done.returncode == 0, done.stderr
+    argv = calls[0]["argv"][1:]
+    assert argv[argv.index("--tls-cert") + 1] == "/etc/mlaserve/gw.crt"
+    assert argv[argv.index("--tls-key") + 1] == "/etc/mlaserve/gw.key"
+    assert "--tls-client-ca" not in argv  # TLS with a token, no client certificates
+    assert not (tmp_path / "mlaserve-tls").exists(), "certificates were made although the user gave some"
+    _, args = _serve_args(argv)
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+        "/etc/mlaserve/gw.crt",
+        "/etc/mlaserve/gw.key",
+        None,
+    )
 
 
 def test_start_gateway_detaches_waits_until_status_answers_and_stops(tmp_path: Path):
-    env = {"MLASERVE_GATEWAY_WAIT_S": "30", "FAKE_SERVE_SECONDS": "120"}
+    env = {"MLASERVE_GATEWAY_WAIT_S": "30", "FAKE_SERVE_SECONDS": "120", **PLAINTEXT}
     done, calls = _gateway_script(tmp_path, env=env)
     assert done.returncode == 0 and "gateway ready on port 50051" in done.stdout, (done.stdout, done.stderr)
     by_command = {c["argv"][0]: c for c in calls}
@@ -284,7 +354,12 @@ def test_start_gateway_detaches_waits_until_status_answers_and_stops(tmp_path: P
 
 def test_start_gateway_restarts_serve_after_a_failure_when_detached(tmp_path: Path):
     """ray up starts it with --no-wait: a start that fails (no GPU node yet) is retried."""
-    env = {"FAKE_SERVE_SECONDS": "0", "FAKE_SERVE_STATUS": "3", "MLASERVE_GATEWAY_RESTART_DELAY_S": "0.2"}
+    env = {
+        "FAKE_SERVE_SECONDS": "0",
+        "FAKE_SERVE_STATUS": "3",
+        "MLASERVE_GATEWAY_RESTART_DELAY_S": "0.2",
+        **PLAINTEXT,
+    }
     done, _ = _gateway_script(tmp_path, "--no-wait", env=env)
     assert done.returncode == 0, done.stderr
     record = tmp_path / "calls.jsonl"
@@ -300,7 +375,12 @@ def test_start_gateway_restarts_serve_after_a_failure_when_detached(tmp_path: Pa
 
 
 def test_start_gateway_reports_a_gateway_that_fails_to_start(tmp_path: Path):
-    env = {"FAKE_SERVE_SECONDS": "0.5", "FAKE_SERVE_STATUS": "3", "MLASERVE_GATEWAY_WAIT_S": "30"}
+    env = {
+        "FAKE_SERVE_SECONDS": "0.5",
+        "FAKE_SERVE_STATUS": "3",
+        "MLASERVE_GATEWAY_WAIT_S": "30",
+        **PLAINTEXT,
+    }
     done, calls = _gateway_script(tmp_path, env={**env, "FAKE_STATUS_STATUS": "14"})  # never answers
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "model not found" in done.stderr and "failed to start" in done.stderr
