@@ -244,6 +244,54 @@ def run_batch(rec: Recorder, prompts: Sequence[Sequence[int]], max_tokens: int, 
     return row
 
 
+def profile_batch(
+    rec: Recorder, prompts: Sequence[Sequence[int]], max_tokens: int, steps: int, out: str | None
+) -> None:
+    """torch.profiler over `steps` steady decode steps of one batch: the GPU kernels by total time
+    (their count per step, too), printed as a table and saved as a Chrome trace to `out`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = rec.engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"prof-{i}", prompt, params)
+    while engine.has_unfinished():  # until two decode-only launches in a row
+        step = rec.step()
+        if (
+            step.launched is not None
+            and step.launched.decode_only
+            and step.read is not None
+            and step.read.decode_only
+        ):
+            break
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rec.cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            rec.step()
+        if rec.cuda:
+            torch.cuda.synchronize(engine.device)
+        wall = time.perf_counter() - t0
+    while engine.has_unfinished():
+        rec.step()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if rec.cuda else []
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    print(
+        f"profile: {len(prompts)} rows, {steps} decode steps, {1e3 * wall / steps:.2f} ms wall per step, "
+        f"{gpu_us / 1e3 / steps:.2f} ms of GPU kernels per step, "
+        f"{sum(e.count for e in kernels) / steps:.0f} kernels per step"
+    )
+    print("| kernel | ms per step | calls per step | share |")
+    print("|---|---:|---:|---:|")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
+        print(
+            f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.3f} | {e.count / steps:.1f} | "
+            f"{e.self_device_time_total / max(gpu_us, 1e-9):.1%} |"
+        )
+    if out:
+        prof.export_chrome_trace(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlaserve.worker.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="preset name or checkpoint directory (default tiny)")
@@ -273,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every step waits for its tokens (EngineConfig.overlap=False)",
     )
+    p.add_argument(
+        "--profile", type=int, default=None, metavar="B", help="then profile 8 decode steps at batch B"
+    )
+    p.add_argument("--trace", default=None, help="with --profile: write a Chrome trace here")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -303,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_seq = -(-(args.prompt_len + args.max_tokens) // 64)
         num_pages = 2 * max(batches) * per_seq  # room for the warm-up's prefix-cached pages too
     sched = SchedulerConfig(
-        max_running_seqs=max(max(batches), 4),
+        max_running_seqs=max(*batches, args.profile or 0, 4),
         **({"max_batched_tokens": args.max_batched_tokens} if args.max_batched_tokens else {}),
     )
     config = EngineConfig(
@@ -380,6 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{row.output_tokens / row.wall:.0f} | {hits} |"
         )
         sys.stdout.flush()
+    if args.profile:
+        profile_batch(
+            rec,
+            random_prompts(rng, args.profile, args.prompt_len, vocab, args.varlen),
+            args.max_tokens,
+            8,
+            args.trace,
+        )
     return 0
 
 
