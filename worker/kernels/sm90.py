@@ -68,13 +68,18 @@ def _num_sms(device_index: int) -> int:
     return int(_C.num_sms(device_index))
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _check_device(name: str, t: torch.Tensor) -> int:
     if _C is None:
         raise RuntimeError("the sm90 kernels are not built (mlaserve.worker.kernels._C is missing)")
     if not t.is_cuda:
         raise ValueError(f"{name} must be a CUDA tensor on a Hopper GPU, got device {t.device}")
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    cap = torch.cuda.get_device_capability(index)
+    index = t.get_device()
+    cap = _capability(index)
     if cap != (9, 0):
         raise ValueError(
             f"{name} is on {torch.cuda.get_device_name(index)} (compute capability {cap[0]}.{cap[1]}); "
@@ -114,8 +119,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
     parts = num_parts_for(num_q_tokens_per_head_k, num_heads_k, device)
     metadata = torch.empty(parts, METADATA_FIELDS, dtype=torch.int32, device=cache_seqlens.device)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=cache_seqlens.device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream().cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream
     if b == 0:
         metadata.zero_()
         metadata[:, 2] = -1
@@ -221,11 +225,12 @@ def flash_mla_with_kvcache(
         return out, lse
     rows = s_q * (h_q // h_kv)
     max_splits = b + num_parts
-    o_accum = torch.empty(max_splits * h_kv * rows * HEAD_DIM_V, dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty(max_splits * h_kv * rows, dtype=torch.float32, device=q.device)
+    # the split partials: fp32 O [max_splits, h_kv, rows, 512], then their LSE, in one workspace
+    n_lse = max_splits * h_kv * rows
+    accum = torch.empty(n_lse * (HEAD_DIM_V + 1), dtype=torch.float32, device=q.device)
+    o_accum, lse_accum = accum[: n_lse * HEAD_DIM_V], accum[n_lse * HEAD_DIM_V :]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(HEAD_DIM_QK)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream().cuda_stream
+    stream = torch.cuda.current_stream(device).cuda_stream
     _C.mla_decode(
         device,
         q.data_ptr(),
