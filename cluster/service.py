@@ -4,7 +4,8 @@ Conversions validate every field of a request against `ServiceLimits` and raise
 `InvalidRequest(field, message)` naming the field as the client spelled it
 ("sampling.top_p: must be in (0, 1], got 0"). The servicer maps the cluster's errors to status
 codes (InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, Draining ->
-UNAVAILABLE, a missing bearer token -> UNAUTHENTICATED, anything else -> INTERNAL) and ties the request's life to the RPC: when the client
+UNAVAILABLE, a missing bearer token -> UNAUTHENTICATED, SuspectedPoison -> INTERNAL with its own
+message, anything else -> INTERNAL) and ties the request's life to the RPC: when the client
 cancels or its deadline passes, grpc.aio cancels the handler task, and the `finally` below closes
 the pool's stream, which aborts the request on its worker and frees its pages.
 """
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull
+from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull, SuspectedPoison
 from mlaserve.cluster.metrics import GatewayMetrics, PoolCounterSnapshot, worker_health
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest, WorkerStatus
 from mlaserve.protos import decoder_pb2 as pb
@@ -313,6 +314,7 @@ _ERROR_CODES: tuple[tuple[type[ClusterError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
+    (SuspectedPoison, grpc.StatusCode.INTERNAL),  # the request crashes workers: not to be retried
 )
 
 
@@ -466,7 +468,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             code = status_code_for(e)
-            if code is grpc.StatusCode.INTERNAL:
+            if code is grpc.StatusCode.INTERNAL and not isinstance(e, ClusterError):
                 log.exception("%s %s failed", method, request_id or "(no id)")
                 message = f"internal error: {type(e).__name__}: {e}"
             else:
