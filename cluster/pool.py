@@ -267,6 +267,11 @@ class WorkerPool:
         prompt_ids = self._validate(req)
         rid = req.request_id
         state = ResumeState(rid, prompt_ids, req.sampling, self._tokenizer)
+        if req.resume_token_ids:
+            state.resume_from(req.resume_token_ids)
+            if state.remaining < 1:  # the client has every token, only the final message was lost
+                yield ClusterDelta(state.final_without_worker(FinishReason.LENGTH), "")
+                return
         self._requests[rid] = state
         hashes = tuple(prefix_page_hashes(prompt_ids))
         refused: set[str] = set()  # workers that said no (draining, queue full): not failures
@@ -376,6 +381,16 @@ class WorkerPool:
                         "prompt_token_ids",
                         f"token id {t} at index {i} is outside the vocabulary [0, {vocab})",
                     )
+        vocab = self._info["vocab_size"] if self._info else None
+        resume = req.resume_token_ids
+        if len(resume) > req.sampling.max_tokens:
+            raise bad(
+                "resume_token_ids",
+                f"{len(resume)} tokens already received exceed max_tokens ({req.sampling.max_tokens})",
+            )
+        for i, t in enumerate(resume):
+            if not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
+                raise bad("resume_token_ids", f"token id {t!r} at index {i} is outside the vocabulary")
         max_len = self.max_model_len
         if max_len is not None and len(ids) + req.sampling.max_tokens > max_len:
             raise bad(

@@ -142,6 +142,15 @@ def request_from_proto(
     if not request_id.isprintable():
         raise InvalidRequest("request_id", "must contain printable characters only")
     sampling = sampling_from_proto(msg.sampling, limits)
+    resume = tuple(msg.resume_token_ids)
+    if len(resume) > sampling.max_tokens:
+        raise InvalidRequest(
+            "resume_token_ids",
+            f"{len(resume)} tokens already received exceed sampling.max_tokens ({sampling.max_tokens})",
+        )
+    for i, t in enumerate(resume):
+        if t < 0:
+            raise InvalidRequest(f"resume_token_ids[{i}]", f"must be a token id >= 0, got {t}")
     text, ids = msg.prompt, msg.prompt_token_ids
     if text and ids:
         raise InvalidRequest("prompt", "set exactly one of prompt / prompt_token_ids, not both")
@@ -153,7 +162,9 @@ def request_from_proto(
         for i, t in enumerate(ids):
             if t < 0:
                 raise InvalidRequest(f"prompt_token_ids[{i}]", f"must be a token id >= 0, got {t}")
-        return GenerationRequest(request_id=request_id, sampling=sampling, prompt_token_ids=tuple(ids))
+        return GenerationRequest(
+            request_id=request_id, sampling=sampling, prompt_token_ids=tuple(ids), resume_token_ids=resume
+        )
     if not text:
         raise InvalidRequest("prompt", "empty: set prompt (text) or prompt_token_ids")
     if len(text) > limits.max_prompt_chars:
@@ -164,7 +175,7 @@ def request_from_proto(
         n = len(tokenizer.encode(text))
         if n > limits.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{n} tokens exceed the limit of {limits.max_prompt_tokens}")
-    return GenerationRequest(request_id=request_id, sampling=sampling, prompt=text)
+    return GenerationRequest(request_id=request_id, sampling=sampling, prompt=text, resume_token_ids=resume)
 
 
 def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
@@ -189,6 +200,7 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         msg.prompt_token_ids.extend(req.prompt_token_ids)
     else:
         msg.prompt = req.prompt or ""
+    msg.resume_token_ids.extend(req.resume_token_ids)
     return msg
 
 
