@@ -55,9 +55,11 @@ def build_request(
     prompt: str | Sequence[int],
     sampling: SamplingParams | None = None,
     request_id: str = "",
+    resume_token_ids: Sequence[int] = (),
 ) -> pb.GenerateRequest:
-    """A GenerateRequest for a text prompt or a sequence of token ids (the server validates)."""
-    msg = pb.GenerateRequest(request_id=request_id)
+    """A GenerateRequest for a text prompt or a sequence of token ids (the server validates);
+    resume_token_ids: output tokens already received from another gateway (failover)."""
+    msg = pb.GenerateRequest(request_id=request_id, resume_token_ids=[int(t) for t in resume_token_ids])
     if isinstance(prompt, str):
         msg.prompt = prompt
     else:
@@ -149,10 +151,12 @@ class DecoderClient:
         sampling: SamplingParams | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        resume_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[ClusterDelta]:
-        """Stream the answer's deltas; the last one carries finish_reason and usage."""
+        """Stream the answer's deltas; the last one carries finish_reason and usage. With
+        resume_token_ids the stream continues after those output tokens (failover)."""
         call = self._stub.Generate(
-            build_request(prompt, sampling, request_id),
+            build_request(prompt, sampling, request_id, resume_token_ids),
             timeout=self._deadline(timeout),
             metadata=self._metadata,
         )

@@ -20,3 +20,8 @@ class QueueFull(ClusterError):
 
 class Draining(ClusterError):
     """The cluster is draining or has no live worker (-> UNAVAILABLE)."""
+
+
+class SuspectedPoison(ClusterError):
+    """The request is the suspected cause of repeated worker deaths (cluster/poison.py): it failed
+    and is not retried (-> INTERNAL, with the message naming the workers)."""

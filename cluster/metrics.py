@@ -40,6 +40,8 @@ class PoolCounterSnapshot:
     retries: int = 0  # attempts moved to another worker (after a failure or a refusal)
     resumes: int = 0  # retries that continued a stream which had already sent tokens
     worker_failures: int = 0  # workers found dead, hung or failed
+    worker_losses: int = 0  # request attempts ended by their worker's death
+    suspected_poison: int = 0  # requests failed as the suspected cause of worker deaths
     rejected: Mapping[str, int] = field(default_factory=dict)  # reason (queue_full, invalid) -> n
     scale_events: Mapping[str, int] = field(default_factory=dict)  # direction (up, down) -> n
 
@@ -58,6 +60,8 @@ class PoolCounterSnapshot:
             retries=num("retries"),
             resumes=num("resumes"),
             worker_failures=num("worker_failures"),
+            worker_losses=num("worker_losses"),
+            suspected_poison=num("suspected_poison"),
             rejected={"queue_full": num("rejected_queue_full"), "invalid": num("rejected_invalid")},
             scale_events={"up": num("scale_ups"), "down": num("scale_downs")},
         )
@@ -171,6 +175,14 @@ class _ClusterCollector(Collector):
         )
         yield CounterMetricFamily(
             "mlaserve_worker_failures", "Workers found dead, hung or failed", value=c.worker_failures
+        )
+        yield CounterMetricFamily(
+            "mlaserve_worker_losses", "Request attempts ended by their worker's death", value=c.worker_losses
+        )
+        yield CounterMetricFamily(
+            "mlaserve_suspected_poison",
+            "Requests failed as the suspected cause of repeated worker deaths",
+            value=c.suspected_poison,
         )
 
 

@@ -14,7 +14,11 @@ their tokens back, and keeps the set of workers healthy and sized to the load.
   load_poll_interval_s; each report covers the requests routed before it was asked for.
 - A worker that dies, stops answering for health_timeout_s or reports an engine failure is killed
   and replaced (same worker id, restarts + 1). Its requests resume on other workers from prompt +
-  tokens already sent (cluster/resume.py): the client sees every token once.
+  tokens already sent (cluster/resume.py): the client sees every token once. However many workers
+  a request loses, it is resumed, waiting up to retry_patience_s for a live worker when none is
+  (all of them restarting), unless it is the suspected cause of the deaths: the rule in
+  cluster/poison.py tells a poison request from a bystander and fails only the poison one
+  (SuspectedPoison), after at most 1 + poison_strikes deaths (2 + if it had produced tokens first).
 - A consumer that stops iterating (aclose, or its task cancelled) aborts the request on its
   worker, freeing its pages at once.
 - Autoscaling (cluster/autoscaler.py) between min_workers and max_workers; a new worker counts as
@@ -45,7 +49,8 @@ from mlaserve.worker.tokenizer import load_tokenizer
 from mlaserve.worker.types import FinishReason
 
 from .autoscaler import Autoscaler, WorkerSnapshot
-from .errors import Draining, InvalidRequest, QueueFull
+from .errors import Draining, InvalidRequest, QueueFull, SuspectedPoison
+from .poison import TRIAL_SETTLE_S, Suspicion
 from .pool_config import PoolConfig
 from .resume import ResumeState
 from .router import AllQueuesFull, NoEligibleWorker, Router, RouterConfig, RouteRequest
@@ -57,7 +62,8 @@ STARTING, READY, DRAINING, DEAD = "starting", "ready", "draining", "dead"
 
 
 class RequestFailed(Draining):
-    """A request lost its worker more than max_retries times (-> UNAVAILABLE, like Draining)."""
+    """A request's stream failed on more than max_retries workers that stayed alive (errors that
+    were not a worker's death) (-> UNAVAILABLE, like Draining)."""
 
 
 @dataclass
@@ -66,6 +72,8 @@ class PoolCounters:
 
     routed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (policy, worker_id) -> requests
     retries: int = 0  # attempts moved to another worker (after a failure or a refusal)
+    worker_losses: int = 0  # attempts that ended because their worker died (one per request per death)
+    suspected_poison: int = 0  # requests failed as the suspected cause of worker deaths
     resumes: int = 0  # attempts that continued a stream that had already sent tokens
     worker_failures: int = 0  # workers found dead, hung or failed
     worker_restarts: int = 0  # replacement actors started
@@ -88,6 +96,8 @@ class _Slot:
     load: WorkerLoad | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     inflight: set[str] = field(default_factory=set)
+    unproven: set[str] = field(default_factory=set)  # attempts here that have not produced a delta yet
+    trial: str | None = None  # the suspect on trial here (cluster/poison.py), at most one
     last_ok: float = field(default_factory=time.monotonic)
     ready_task: asyncio.Task[None] | None = None
     preemptions_seen: int = 0
@@ -127,7 +137,9 @@ class WorkerPool:
         self._autoscaler: Autoscaler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
-        self._changed: asyncio.Event | None = None  # set whenever a worker becomes ready or dies
+        # Set (and replaced by a fresh one, so that no waiter misses it) whenever a worker becomes
+        # ready or dies, or a trial or an unproven attempt ends: see _notify.
+        self._changed: asyncio.Event | None = None
         self._started = False
         self._draining = False
         self._closed = False
@@ -166,11 +178,10 @@ class WorkerPool:
             self._spawn(f"w{next(self._ids)}")
         deadline = time.monotonic() + cfg.startup_timeout_s
         while time.monotonic() < deadline and self._creation_failures <= 3:
+            changed = self._changed
             if all(s.state != STARTING for s in self._slots.values()):
                 break
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+            await self._wait_for(changed, min(1.0, max(0.0, deadline - time.monotonic())))
         if not any(s.state == READY for s in self._slots.values()):
             errors = list(self._start_errors)
             await self.shutdown()
@@ -256,24 +267,40 @@ class WorkerPool:
         prompt_ids = self._validate(req)
         rid = req.request_id
         state = ResumeState(rid, prompt_ids, req.sampling, self._tokenizer)
+        if req.resume_token_ids:
+            state.resume_from(req.resume_token_ids)
+            if state.remaining < 1:  # the client has every token, only the final message was lost
+                yield ClusterDelta(state.final_without_worker(FinishReason.LENGTH), "")
+                return
         self._requests[rid] = state
         hashes = tuple(prefix_page_hashes(prompt_ids))
         refused: set[str] = set()  # workers that said no (draining, queue full): not failures
-        failures = 0
+        errors = 0  # failed attempts whose worker stayed alive (not deaths)
+        suspicion = Suspicion(self.config.poison_strikes)
+        lost = False  # a worker died under this request: wait for another with retry_patience_s
         try:
             while True:
-                slot = await self._route(state, hashes, refused)
+                trial = suspicion.on_trial
+                slot = await self._route(state, hashes, refused, trial=trial, resumed=lost)
                 prompt, sampling = state.next_attempt()
                 if state.attempts > 1:
                     self.counters.retries += 1
                     if state.sent:
                         self.counters.resumes += 1
                 slot.inflight.add(rid)
+                slot.unproven.add(rid)
+                if trial:
+                    slot.trial = rid
                 gen = slot.actor.generate.remote(rid, prompt, sampling)
-                done = False
+                done = proven = False
                 try:
                     async for ref in gen:
-                        delta, stop_here = state.accept(await ref)
+                        worker_delta = await ref
+                        if not proven:
+                            proven = True
+                            suspicion.proven()
+                            self._settle(slot, rid)
+                        delta, stop_here = state.accept(worker_delta)
                         yield ClusterDelta(delta, slot.worker_id)
                         if delta.finished:
                             done = True
@@ -295,18 +322,28 @@ class WorkerPool:
                     if isinstance(cause, (WorkerDraining, QueueFullError)):
                         refused.add(slot.worker_id)
                         continue
-                    failures += 1
                     logger.warning("request %s lost worker %s: %r", rid, slot.worker_id, cause)
                     self._worker_suspect(slot, cause)
-                    if failures > self.config.max_retries:
-                        raise RequestFailed(
-                            f"request {rid!r} failed on {failures} workers: {cause!r}"
-                        ) from None
+                    if isinstance(cause, (RayActorError, WorkerFailed)) or slot.state == DEAD:
+                        lost = True
+                        self.counters.worker_losses += 1
+                        # A worker stopped by a scale-down is nobody's fault.
+                        if not slot.retired and suspicion.lost(slot.worker_id, proven=proven, trial=trial):
+                            self.counters.suspected_poison += 1
+                            logger.error("%s", suspicion.describe(rid))
+                            raise SuspectedPoison(suspicion.describe(rid)) from None
+                    else:
+                        errors += 1
+                        if errors > self.config.max_retries:
+                            raise RequestFailed(
+                                f"request {rid!r} failed on {errors} workers: {cause!r}"
+                            ) from None
                     if state.remaining < 1:  # every token was sent; only the final delta was lost
                         yield ClusterDelta(state.final_without_worker(FinishReason.LENGTH), slot.worker_id)
                         return
                 finally:
                     slot.inflight.discard(rid)
+                    self._settle(slot, rid)
                     self.router.release(rid)
                     if not done and not state.finished:
                         self._abort_on(slot, rid, gen)
@@ -344,6 +381,16 @@ class WorkerPool:
                         "prompt_token_ids",
                         f"token id {t} at index {i} is outside the vocabulary [0, {vocab})",
                     )
+        vocab = self._info["vocab_size"] if self._info else None
+        resume = req.resume_token_ids
+        if len(resume) > req.sampling.max_tokens:
+            raise bad(
+                "resume_token_ids",
+                f"{len(resume)} tokens already received exceed max_tokens ({req.sampling.max_tokens})",
+            )
+        for i, t in enumerate(resume):
+            if not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
+                raise bad("resume_token_ids", f"token id {t!r} at index {i} is outside the vocabulary")
         max_len = self.max_model_len
         if max_len is not None and len(ids) + req.sampling.max_tokens > max_len:
             raise bad(
@@ -353,44 +400,99 @@ class WorkerPool:
             )
         return ids
 
-    async def _route(self, state: ResumeState, hashes: tuple[int, ...], refused: set[str]) -> _Slot:
-        """A ready worker for the request's next attempt, skipping those that refused it; waits
-        up to health_timeout_s for one to become ready when none is (e.g. during a replacement)."""
-        assert self._changed is not None
+    async def _route(
+        self,
+        state: ResumeState,
+        hashes: tuple[int, ...],
+        refused: set[str],
+        *,
+        trial: bool = False,
+        resumed: bool = False,
+    ) -> _Slot:
+        """A ready worker for the request's next attempt, skipping those that refused it.
+
+        With no worker to take it (all of them starting, e.g. replacements) it waits: a new
+        request up to health_timeout_s, then Draining; one that has lost a worker (``resumed``) up
+        to retry_patience_s, and it also waits out full queues and refusals that would fail a new
+        request with QueueFull. A ``trial`` (a suspect's attempt, cluster/poison.py) only goes
+        where no other suspect is on trial, and for up to TRIAL_SETTLE_S it waits for a worker on
+        which no attempt is still waiting for its first delta (one that is not busy starting up
+        a crowd of resumed requests), so that the trial is short and the blame is its own.
+        """
+        cfg = self.config
         req = RouteRequest(
             state.request_id, len(state.prompt_token_ids) + len(state.sent), max(1, state.remaining), hashes
         )
-        deadline = time.monotonic() + self.config.health_timeout_s
+        start = time.monotonic()
+        patience = cfg.retry_patience_s if resumed else cfg.health_timeout_s
+        deadline = start + patience
         while True:
             if self._closed:
                 raise Draining("the pool is shut down")
+            changed = self._changed
+            busy: set[str] = set()
+            if trial:
+                settle = time.monotonic() - start < TRIAL_SETTLE_S
+                busy = {
+                    wid for wid, s in self._slots.items() if s.trial is not None or (settle and s.unproven)
+                }
+            left = deadline - time.monotonic()
             try:
-                decision = self.router.route(req, exclude=refused)
-            except AllQueuesFull:
-                self.counters.rejected_queue_full += 1
-                raise QueueFull(
-                    f"every worker has {self.config.max_queued_per_worker} requests queued"
-                ) from None
-            except NoEligibleWorker:
-                if refused and self.router.eligible():
+                decision = self.router.route(req, exclude=refused | busy)
+            except NoEligibleWorker as err:
+                full = isinstance(err, AllQueuesFull)
+                all_refused = not full and bool(refused) and bool(self.router.eligible(exclude=busy))
+                if (full or all_refused) and not resumed:
                     self.counters.rejected_queue_full += 1
                     raise QueueFull(
-                        "every live worker refused the request (queue full or draining)"
+                        f"every worker has {cfg.max_queued_per_worker} requests queued"
+                        if full
+                        else "every live worker refused the request (queue full or draining)"
                     ) from None
-                left = deadline - time.monotonic()
                 if left <= 0 or self._draining:
+                    if resumed and not self._draining:
+                        raise Draining(
+                            f"no worker took request {state.request_id!r} within retry_patience_s="
+                            f"{patience:g}s after it lost its worker"
+                        ) from None
                     raise Draining("no live worker can take the request") from None
-                self._changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(1.0, left))
+                if full or all_refused:  # queues drain: ask the refusing workers again shortly
+                    refused.clear()
+                    await asyncio.sleep(min(cfg.load_poll_interval_s, left))
+                else:
+                    await self._wait_for(changed, min(1.0, left))
                 continue
             slot = self._slots.get(decision.worker_id)
             if slot is None or slot.state != READY:  # the router learns of it late: forget and retry
                 self.router.release(state.request_id)
                 self.router.remove_worker(decision.worker_id)
                 continue
-            self.counters.routed[(self.config.policy, slot.worker_id)] += 1
+            self.counters.routed[(cfg.policy, slot.worker_id)] += 1
             return slot
+
+    async def _wait_for(self, event: asyncio.Event | None, timeout_s: float) -> None:
+        """Wait until `event` (a past value of self._changed) is set, at most timeout_s."""
+        if event is None or timeout_s <= 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    def _notify(self) -> None:
+        """Wake every waiter: set the current event and install a fresh one for the next change."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    def _settle(self, slot: _Slot, request_id: str) -> None:
+        """The request's attempt on slot produced its first delta or ended: it no longer holds
+        the slot's trial or counts as unproven there."""
+        ended_trial = slot.trial == request_id
+        if ended_trial:
+            slot.trial = None
+        settled = request_id in slot.unproven and len(slot.unproven) == 1
+        slot.unproven.discard(request_id)
+        if ended_trial or settled:
+            self._notify()  # a waiting trial may start there now
 
     def _abort_on(self, slot: _Slot, request_id: str, gen: Any) -> None:
         """Free the request's pages on its worker now (fire and forget: works while cancelled)."""
@@ -446,8 +548,7 @@ class WorkerPool:
         slot.last_ok = time.monotonic()
         slot.state = READY
         self.router.update_load(load)
-        if self._changed is not None:
-            self._changed.set()
+        self._notify()
         logger.info("worker %s ready (%s)", slot.worker_id, load.device)
 
     def _worker_suspect(self, slot: _Slot, cause: BaseException) -> None:
@@ -470,8 +571,7 @@ class WorkerPool:
         if was_ready:
             self.counters.worker_failures += 1
             logger.warning("worker %s failed (%s); replacing it", slot.worker_id, reason)
-        if self._changed is not None:
-            self._changed.set()
+        self._notify()
         if self._closed or slot.retired or not replace:
             if self._slots.get(slot.worker_id) is slot and (slot.retired or not replace):
                 del self._slots[slot.worker_id]

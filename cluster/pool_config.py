@@ -68,7 +68,11 @@ class PoolConfig:
     startup_timeout_s: float = 600.0  # start() waits this long for the first workers (then goes on)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
     max_queued_per_worker: int = 256
-    max_retries: int = 2  # times one request may move to another worker after a failure
+    # Worker deaths never fail a request by their number: its stream resumes on another worker
+    # (cluster/resume.py) unless it is the suspected cause (cluster/poison.py).
+    poison_strikes: int = 3  # deaths during a suspect's trials after which it fails (SuspectedPoison)
+    retry_patience_s: float = 300.0  # how long a request that lost its worker waits for another one
+    max_retries: int = 2  # times one request may move on after an error that left its worker alive
     output_fraction: float = 0.5  # router: expected output as a fraction of max_tokens
     seed: int = 0  # router seed (power_of_two)
     ray_address: str | None = None  # ray.init(address=...) when Ray is not initialised yet
@@ -99,6 +103,10 @@ class PoolConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_queued_per_worker < 1:
             raise ValueError(f"max_queued_per_worker must be >= 1, got {self.max_queued_per_worker!r}")
+        if not isinstance(self.poison_strikes, int) or self.poison_strikes < 1:
+            raise ValueError(f"poison_strikes must be an integer >= 1, got {self.poison_strikes!r}")
+        if not self.retry_patience_s > 0:
+            raise ValueError(f"retry_patience_s must be > 0, got {self.retry_patience_s!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries!r}")
         if not (0.0 <= self.output_fraction <= 1.0):

@@ -39,6 +39,20 @@ class ResumeState:
         self.finished = False
         self._detok: IncrementalDetokenizer | None = None  # the pool's own, after a resume
 
+    def resume_from(self, token_ids: Sequence[int]) -> None:
+        """Start after output tokens the client already has (it failed over from a gateway that
+        went away): they count as sent, with the text a stream of them has sent, which is what
+        the detokenizer releases after them (a function of the tokens alone)."""
+        if self.attempts or self.sent:
+            raise RuntimeError(f"request {self.request_id!r} has already started")
+        if len(token_ids) > self.sampling.max_tokens:
+            raise ValueError(f"{len(token_ids)} resumed tokens exceed max_tokens {self.sampling.max_tokens}")
+        detok = IncrementalDetokenizer(self._tokenizer, self.prompt_token_ids, self.sampling.stop)
+        detok.add(token_ids)
+        self.sent = [int(t) for t in token_ids]
+        self.text = detok.take()
+        self._detok = detok  # continues from here; remaining 0: final_without_worker gives the tail
+
     # ---- what to ask the next worker -------------------------------------------------------
     @property
     def remaining(self) -> int:

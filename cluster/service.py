@@ -4,7 +4,8 @@ Conversions validate every field of a request against `ServiceLimits` and raise
 `InvalidRequest(field, message)` naming the field as the client spelled it
 ("sampling.top_p: must be in (0, 1], got 0"). The servicer maps the cluster's errors to status
 codes (InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, Draining ->
-UNAVAILABLE, a missing bearer token -> UNAUTHENTICATED, anything else -> INTERNAL) and ties the request's life to the RPC: when the client
+UNAVAILABLE, a missing bearer token -> UNAUTHENTICATED, SuspectedPoison -> INTERNAL with its own
+message, anything else -> INTERNAL) and ties the request's life to the RPC: when the client
 cancels or its deadline passes, grpc.aio cancels the handler task, and the `finally` below closes
 the pool's stream, which aborts the request on its worker and frees its pages.
 """
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull
+from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull, SuspectedPoison
 from mlaserve.cluster.metrics import GatewayMetrics, PoolCounterSnapshot, worker_health
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest, WorkerStatus
 from mlaserve.protos import decoder_pb2 as pb
@@ -141,6 +142,15 @@ def request_from_proto(
     if not request_id.isprintable():
         raise InvalidRequest("request_id", "must contain printable characters only")
     sampling = sampling_from_proto(msg.sampling, limits)
+    resume = tuple(msg.resume_token_ids)
+    if len(resume) > sampling.max_tokens:
+        raise InvalidRequest(
+            "resume_token_ids",
+            f"{len(resume)} tokens already received exceed sampling.max_tokens ({sampling.max_tokens})",
+        )
+    for i, t in enumerate(resume):
+        if t < 0:
+            raise InvalidRequest(f"resume_token_ids[{i}]", f"must be a token id >= 0, got {t}")
     text, ids = msg.prompt, msg.prompt_token_ids
     if text and ids:
         raise InvalidRequest("prompt", "set exactly one of prompt / prompt_token_ids, not both")
@@ -152,7 +162,9 @@ def request_from_proto(
         for i, t in enumerate(ids):
             if t < 0:
                 raise InvalidRequest(f"prompt_token_ids[{i}]", f"must be a token id >= 0, got {t}")
-        return GenerationRequest(request_id=request_id, sampling=sampling, prompt_token_ids=tuple(ids))
+        return GenerationRequest(
+            request_id=request_id, sampling=sampling, prompt_token_ids=tuple(ids), resume_token_ids=resume
+        )
     if not text:
         raise InvalidRequest("prompt", "empty: set prompt (text) or prompt_token_ids")
     if len(text) > limits.max_prompt_chars:
@@ -163,7 +175,7 @@ def request_from_proto(
         n = len(tokenizer.encode(text))
         if n > limits.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{n} tokens exceed the limit of {limits.max_prompt_tokens}")
-    return GenerationRequest(request_id=request_id, sampling=sampling, prompt=text)
+    return GenerationRequest(request_id=request_id, sampling=sampling, prompt=text, resume_token_ids=resume)
 
 
 def sampling_to_proto(s: SamplingParams) -> pb.SamplingParams:
@@ -188,6 +200,7 @@ def request_to_proto(req: GenerationRequest) -> pb.GenerateRequest:
         msg.prompt_token_ids.extend(req.prompt_token_ids)
     else:
         msg.prompt = req.prompt or ""
+    msg.resume_token_ids.extend(req.resume_token_ids)
     return msg
 
 
@@ -313,6 +326,7 @@ _ERROR_CODES: tuple[tuple[type[ClusterError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
+    (SuspectedPoison, grpc.StatusCode.INTERNAL),  # the request crashes workers: not to be retried
 )
 
 
@@ -466,7 +480,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             code = status_code_for(e)
-            if code is grpc.StatusCode.INTERNAL:
+            if code is grpc.StatusCode.INTERNAL and not isinstance(e, ClusterError):
                 log.exception("%s %s failed", method, request_id or "(no id)")
                 message = f"internal error: {type(e).__name__}: {e}"
             else:

@@ -10,12 +10,15 @@ from mlaserve.worker.types import RequestDelta, SamplingParams
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One client request as the cluster sees it. Exactly one of prompt / prompt_token_ids is set."""
+    """One client request as the cluster sees it. Exactly one of prompt / prompt_token_ids is set.
+    resume_token_ids: output tokens the client already has (a failover from another gateway): the
+    stream continues after them (cluster/resume.py)."""
 
     request_id: str
     sampling: SamplingParams
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    resume_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class FakeCounters:
     retries: int = 2
     resumes: int = 1
     worker_failures: int = 1
+    worker_losses: int = 0
+    suspected_poison: int = 0
     preemptions: dict[str, int] = field(default_factory=lambda: {"fake-0": 5})
     rejected_queue_full: int = 0
     rejected_invalid: int = 0

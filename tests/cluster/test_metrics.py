@@ -106,6 +106,8 @@ def test_cluster_snapshot_renders_each_worker_and_drops_removed_ones(seed):
         retries=4,
         resumes=2,
         worker_failures=1,
+        worker_losses=12,
+        suspected_poison=1,
         preemptions={"w1": 4},
         rejected_queue_full=6,
         rejected_invalid=9,
@@ -137,6 +139,8 @@ def test_cluster_snapshot_renders_each_worker_and_drops_removed_ones(seed):
     assert s[("mlaserve_retries_total", ())] == 4
     assert s[("mlaserve_resumes_total", ())] == 2
     assert s[("mlaserve_worker_failures_total", ())] == 1
+    assert s[("mlaserve_worker_losses_total", ())] == 12
+    assert s[("mlaserve_suspected_poison_total", ())] == 1
     assert s[("mlaserve_rejected_requests_total", (("reason", "queue_full"),))] == 6
     assert s[("mlaserve_rejected_requests_total", (("reason", "invalid"),))] == 9
     assert s[("mlaserve_scale_events_total", (("direction", "up"),))] == 3

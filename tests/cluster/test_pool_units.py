@@ -149,6 +149,8 @@ def test_pool_config_validation_and_defaults():
         ({"num_workers": 0}, "num_workers"),
         ({"min_workers": 3, "max_workers": 2}, "min_workers"),
         ({"max_retries": -1}, "max_retries"),
+        ({"poison_strikes": 0}, "poison_strikes"),
+        ({"retry_patience_s": 0}, "retry_patience_s"),
         ({"health_timeout_s": 0}, "health_timeout_s"),
         ({"model": ""}, "model"),
     ]:
