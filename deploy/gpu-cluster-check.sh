@@ -10,7 +10,9 @@ models=("${@:-tiny}")
 port=50071
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch; from mlaserve.worker.kernels import backend; print('GPUs', torch.cuda.device_count(), 'backend', backend())"
-timeout 240 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -4
+# SKIP_TESTS=1: the GPU tests ran already; VARLEN=0: fixed prompt and output lengths (to compare with
+# `python -m mlaserve.worker.bench` at the same batch)
+[[ -n ${SKIP_TESTS:-} ]] || timeout 240 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -4
 
 for model in "${models[@]}"; do
   echo "== cluster on $model"
@@ -23,7 +25,8 @@ for model in "${models[@]}"; do
   done
   mlaserve status --server 127.0.0.1:$port
   mlaserve bench serve --server 127.0.0.1:$port --requests "${REQUESTS:-512}" --concurrency "${CONCURRENCY:-128}" \
-    --prompt-len "${PROMPT_LEN:-512}" --max-tokens "${MAX_TOKENS:-128}" --varlen --json "$OUT/bench-$model.json"
+    --prompt-len "${PROMPT_LEN:-512}" --max-tokens "${MAX_TOKENS:-128}" $([[ ${VARLEN:-1} == 0 ]] || echo --varlen) \
+    --json "$OUT/bench-$model.json"
   mlaserve status --server 127.0.0.1:$port
   kill -TERM $server
   wait $server
