@@ -33,15 +33,21 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [b, s_q, hidden]
+        x: torch.Tensor,  # [b, s_q, hidden]: the previous layer's MLP output (layer 0: the embeddings)
+        residual: torch.Tensor | None,  # [b, s_q, hidden]: the residual stream before x (layer 0: None)
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [b, s_q, 32]
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,  # [num_pages, 64, 1, 576]
         meta: AttentionMetadata,
         cache_write: CacheWrite,
-    ) -> torch.Tensor:  # [b, s_q, hidden]
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta, cache_write)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's MLP output, the residual stream before it)
+        """The residual stream is carried beside the sublayer outputs, so that each residual add
+        happens inside the next norm (one fused kernel on CUDA); the sums are the same as
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))`, bit for bit on the torch path."""
+        h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, cos_sin, rotary, kv_cache, meta, cache_write)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual
 
 
 class DeepseekModel(nn.Module):
@@ -100,11 +106,13 @@ class DeepseekForCausalLM(nn.Module):
         )
         cos_sin = self.rotary.cos_sin(positions)
         x = self.model.embed_tokens(input_ids)  # [b, s_q, hidden]
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos_sin, self.rotary, kv_cache, meta, cache_write)
+            x, residual = layer(x, residual, cos_sin, self.rotary, kv_cache, meta, cache_write)
         if only_last:
             x = x[:, -1:]
-        x = self.model.norm(x)
+            residual = residual[:, -1:] if residual is not None else None
+        x, _ = self.model.norm.add(x, residual)
         return self.lm_head(x).to(torch.float32)
 
     def _check_inputs(
