@@ -7,7 +7,7 @@ cast ran every step), the GEMM, softmax/sigmoid, the group ops (view/amax/topk/s
 masked_fill), topk, gather and the normalisation — ~8 to 20 kernels. One program per BLOCK_T tokens;
 experts are chosen by repeated arg-max, highest first (the torch path's topk order is unspecified:
 compare as sets). Ties pick the lowest expert id. A row whose scores are not finite still gets k
-valid expert ids (never an out-of-range index).
+valid, distinct expert ids (never an out-of-range index).
 
 Bytes: T·H·2 (x) + E·H·2 (weight, from L2 after the first program) + T·k·8 (out).
 """
@@ -122,16 +122,18 @@ def _router_kernel(
     kk2 = tl.arange(0, BLOCK_KK)[None, :] + tl.zeros((BLOCK_T, BLOCK_KK), dtype=tl.int32)
     wsel = tl.zeros((BLOCK_T, BLOCK_KK), dtype=tl.float32)
     isel = tl.zeros((BLOCK_T, BLOCK_KK), dtype=tl.int32)
+    # NaN scores (a non-finite hidden state) rank lowest; once only -inf is left the lowest free
+    # expert is taken, so the ids stay valid and distinct whatever the input.
+    sel = tl.where(sel == sel, sel, neg_inf)
+    free = emask[None, :] & (e2 >= 0)
     for j in tl.static_range(K):
-        m = tl.max(sel, axis=1)
-        pick = tl.min(tl.where(sel == m[:, None], e2, BLOCK_E), axis=1)
-        # Not finite (NaN scores): the first expert not taken yet, so ids stay valid and distinct.
-        spare = tl.min(tl.where(sel > neg_inf, e2, BLOCK_E), axis=1)
-        pick = tl.where(pick < E, pick, tl.where(spare < E, spare, j))
+        cand = tl.where(free, sel, neg_inf)
+        m = tl.max(cand, axis=1)
+        pick = tl.min(tl.where((cand == m[:, None]) & free, e2, BLOCK_E), axis=1)
         wj = tl.sum(tl.where(e2 == pick[:, None], scores, 0.0), axis=1)
         wsel = tl.where(kk2 == j, wj[:, None], wsel)
         isel = tl.where(kk2 == j, pick[:, None], isel)
-        sel = tl.where(e2 == pick[:, None], neg_inf, sel)
+        free = free & (e2 != pick[:, None])
     if NORM:
         wsel = wsel / (tl.sum(wsel, axis=1)[:, None] + 1e-20)
         if SCALE_AFTER_NORM:
