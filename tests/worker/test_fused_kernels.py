@@ -516,3 +516,20 @@ def test_gpu_router_and_norm_real_shapes(seed):
         ref = norm(x + r)
     assert torch.equal(total, x + r)
     assert ((out.float() - ref.float()).abs() <= BF16_ULP * ref.float().abs() + 1e-6).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GPU, reason="the smoke run is the CPU stand-in for the GPU benchmark")
+def test_bench_fused_runs_every_mode_on_the_cpu(tmp_path, capsys):
+    """The GPU microbenchmark's code paths (MoE block, norm/prep, tile sweep + JSON, one layer, kernel
+    count) on tiny widths under the interpreter, so a device run does not die on a Python error."""
+    from mlaserve.worker.model import bench_fused
+
+    path = tmp_path / "tiles.json"
+    assert bench_fused.main(["--smoke", "--tokens", "2", "--context", "10", "--write-config", str(path)]) == 0
+    assert bench_fused.main(["--count", "--count-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    for section in ("MoE block", "RMSNorm", "Tile sweep", "decoder layer", "per MoE decoder layer"):
+        assert section in out
+    table = configs.load_table(str(path))
+    assert 2 in table and table[2].block_m == 16

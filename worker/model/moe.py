@@ -30,6 +30,11 @@ FUSED_MAX_TOKENS = 1024
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _use_grouped(x: torch.Tensor) -> bool:
+    """The grouped-GEMM torch path: CUDA bf16 (where torch's grouped GEMM is fast)."""
+    return _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16
+
+
 class Router(nn.Module):
     """Picks num_experts_per_tok experts per token and their weights."""
 
@@ -107,7 +112,7 @@ class Experts(nn.Module):
 
             return fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj)
         flat = ids.reshape(-1)  # [T * k]
-        if _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16:
+        if _use_grouped(x):
             sorted_ids, order = torch.sort(flat)  # token-expert pairs grouped by expert
             token = order // k  # [T * k]: the token of each sorted pair
             counts = torch.histc(

@@ -20,7 +20,7 @@ import triton.language as tl
 from ._common import INTERP, cast_rne, check_dtype, next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _mla_prep_kernel(
     q_ptr,  # [T, h, >= NOPE + ROPE]: q_pe at columns NOPE .. NOPE + ROPE
     kv_ptr,  # [T, RANK + ROPE]: c_kv then k_pe

@@ -34,7 +34,7 @@ from .configs import GemmConfig, MoETiles, config_for
 from .moe_align import Alignment, align
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])
 def _gate_up_kernel(
     x_ptr,  # [T, H]
     w13_ptr,  # [E, 2I, H]: gate rows 0..I, up rows I..2I
@@ -109,7 +109,7 @@ def _gate_up_kernel(
     tl.store(act_ptr + rows[:, None] * act_stride + n[None, :], act, mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks", "k_per_split"])
 def _down_kernel(
     act_ptr,  # [max_blocks·BM, I]
     w2_ptr,  # [E, H, I]

@@ -60,7 +60,7 @@ def _expert_of(ids_ptr, p, P, K: tl.constexpr, KT: tl.constexpr, E: tl.constexpr
     return tl.where(pm, ex, DUMP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "max_blocks", "blocks_per_program"])
 def _moe_align_kernel(
     ids_ptr,  # [T, K] int32 or int64
     sorted_ptr,  # [max_blocks * BM] int32

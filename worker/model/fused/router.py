@@ -24,7 +24,7 @@ from ._common import INTERP, check_dtype, next_pow2
 _METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _router_kernel(
     x_ptr,  # [T, H]
     w_ptr,  # [E, H]
