@@ -60,22 +60,26 @@ def _mla_prep_kernel(
 
     # The latent: RMSNorm (rounded as the torch module rounds) and the rotated k_pe, into the cache.
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    write = (slot >= 0) & (slot < num_slots)
     cols = tl.arange(0, RANK)
+    # Masks built blockwise from the slot (Triton 3.9's interpreter mis-types scalar & block masks).
+    slot_c = slot + cols.to(tl.int64) * 0
+    write_c = (slot_c >= 0) & (slot_c < num_slots)
+    slot_i = slot + i.to(tl.int64) * 0
+    write_i = (slot_i >= 0) & (slot_i < num_slots)
     out_ty = cache_ptr.dtype.element_ty
     ckv = tl.load(kv_ptr + t * kv_stride_t + cols).to(tl.float32)
     mean_sq = tl.sum(ckv * ckv, axis=0) / RANK
     normed = cast_rne(ckv * tl.rsqrt(mean_sq + eps), kv_ptr.dtype.element_ty, INTERP).to(tl.float32)
     w = tl.load(w_ptr + cols).to(tl.float32)
     row = cache_ptr + slot * (RANK + ROPE)
-    tl.store(row + cols, cast_rne(normed * w, out_ty, INTERP), mask=(cols < RANK) & write)
+    tl.store(row + cols, cast_rne(normed * w, out_ty, INTERP), mask=write_c)
     ka = tl.load(kv_ptr + t * kv_stride_t + RANK + a_off).to(tl.float32)
     kb = tl.load(kv_ptr + t * kv_stride_t + RANK + b_off).to(tl.float32)
     # Rounded to the activation dtype first, as the torch path rounds RoPE's output.
     ra = cast_rne(ka * c - kb * s, kv_ptr.dtype.element_ty, INTERP)
     rb = cast_rne(kb * c + ka * s, kv_ptr.dtype.element_ty, INTERP)
-    tl.store(row + RANK + a_off, cast_rne(ra.to(tl.float32), out_ty, INTERP), mask=(i < HALF) & write)
-    tl.store(row + RANK + b_off, cast_rne(rb.to(tl.float32), out_ty, INTERP), mask=(i < HALF) & write)
+    tl.store(row + RANK + a_off, cast_rne(ra.to(tl.float32), out_ty, INTERP), mask=write_i)
+    tl.store(row + RANK + b_off, cast_rne(rb.to(tl.float32), out_ty, INTERP), mask=write_i)
 
     # q_pe of every head, rotated into the query buffer's last ROPE columns.
     h = tl.arange(0, BLOCK_H)
