@@ -109,7 +109,7 @@ def _gate_up_kernel(
     tl.store(act_ptr + rows[:, None] * act_stride + n[None, :], act, mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit(do_not_specialize=["max_blocks", "k_per_split"])
+@triton.jit(do_not_specialize=["max_blocks"])
 def _down_kernel(
     act_ptr,  # [max_blocks·BM, I]
     w2_ptr,  # [E, H, I]
@@ -163,7 +163,7 @@ def _down_kernel(
         stride_n = wd_stride_n
     a_rows = act_ptr + (pid_m * BM + r).to(tl.int64)[:, None] * act_stride
     b_cols = base + n[None, :].to(tl.int64) * stride_n
-    k_lo = pid_k * k_per_split
+    k_lo = tl.multiple_of(pid_k * k_per_split, BK)  # k_per_split is a multiple of BK: aligned, vector loads
     k_hi = tl.minimum(k_lo + k_per_split, INTER)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):

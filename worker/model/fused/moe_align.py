@@ -143,7 +143,7 @@ def align(
     block_rows = torch.empty(nb, dtype=torch.int32, device=dev)
     if pairs:
         block_et = next_pow2(et + 1)
-        ch = max(16, min(128, 16384 // block_et))
+        ch = 128 if block_et <= 128 else max(16, 8192 // block_et)  # one-hot tile within registers
         programs = triton.cdiv(pairs, ch)
         _moe_align_kernel[(programs,)](
             ids,
@@ -161,7 +161,7 @@ def align(
             CH=ch,
             COUNT_BLOCK=min(1024, next_pow2(pairs)),
             BLOCK_ET=block_et,
-            BB=64,
+            BB=max(8, 8192 // block_et),
             num_warps=4,
         )
     return Alignment(sorted_pairs, block_expert, block_rows, block_m, kt)
