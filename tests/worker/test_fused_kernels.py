@@ -561,3 +561,20 @@ def test_kernels_compile_for_sm90_without_spills_and_stream_weights_by_cp_async(
         assert r["spill_stack"] <= 16, r  # the router's top-k may keep a word or two on the stack
         if r["kernel"] in ("_gate_up_kernel", "_down_kernel", "_router_kernel"):
             assert r["cp_async"] > 0, r
+
+
+def test_compile_fused_kernels_runs_each_tile_bucket(monkeypatch):
+    from mlaserve.worker.model import load_model
+    from mlaserve.worker.model import moe as moe_module
+
+    model = load_model("tiny", device=DEV, dtype=torch.float32).model
+    assert model.compile_fused_kernels() == 0  # float32: the fused path is off
+    monkeypatch.setattr(
+        moe_module, "FUSED_MAX_TOKENS", 16
+    )  # the buckets 1 and 16 (interpreter: keep it small)
+    seen = []
+    real = moe_module.MoE.forward
+    monkeypatch.setattr(moe_module.MoE, "forward", lambda self, x: seen.append(x.shape[0]) or real(self, x))
+    with fused.forced(True):
+        assert model.compile_fused_kernels() == 2
+    assert seen == [1, 16]

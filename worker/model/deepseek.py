@@ -76,6 +76,25 @@ class DeepseekForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.inference_mode()
+    def compile_fused_kernels(self) -> int:
+        """Compiles the fused MoE kernels for every tile bucket up to moe.FUSED_MAX_TOKENS by running the
+        first MoE layer on zeros (Triton compiles on first use, ~1-2 s per kernel and config; the disk
+        cache makes later starts fast). Call at start-up so no serving step waits for a compile.
+        Returns how many bucket sizes ran (0 where the fused path is off)."""
+        from . import fused
+        from .fused.configs import table
+        from .moe import FUSED_MAX_TOKENS, MoE
+
+        probe = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        moe = next((layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)), None)
+        if moe is None or not fused.use_fused(probe):
+            return 0
+        sizes = sorted({min(t, FUSED_MAX_TOKENS) for t in table()})
+        for t in sizes:
+            moe(probe.expand(t, 1, -1).contiguous())
+        return len(sizes)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
