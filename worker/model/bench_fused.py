@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,7 +128,7 @@ def _path(on: bool) -> Iterator[None]:
         yield
 
 
-def _table(rows: list[list[str]], head: list[str]) -> None:
+def _table(rows: list[list[Any]], head: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
     for r in rows:
@@ -261,7 +263,9 @@ def bench_small(cfg: ModelConfig, tokens: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------------------------------- sweep
 
 
-def _sweep_candidates(quick: bool) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+def _sweep_candidates(
+    quick: bool,
+) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int, int]]]:
     gate_up = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
         (32, 128, 4, 4),
         (64, 128, 4, 4),
@@ -288,6 +292,14 @@ def _sweep_candidates(quick: bool) -> tuple[list[tuple[int, ...]], list[tuple[in
     if quick:
         return gate_up[:4], down[:4] + down[7:8]
     return gate_up, down
+
+
+def _fastest(run: Callable[[Any], None], candidates: list[Any]) -> tuple[float, Any]:
+    """(ms, config) of the fastest candidate."""
+    timed: list[tuple[float, Any]] = []
+    for c in candidates:
+        timed.append((_do_bench(functools.partial(run, c), 20), c))
+    return min(timed, key=lambda tc: tc[0])
 
 
 def sweep(cfg: ModelConfig, tokens: tuple[int, ...], bw: float, quick: bool, out_path: str | None) -> None:
@@ -319,22 +331,17 @@ def sweep(cfg: ModelConfig, tokens: tuple[int, ...], bw: float, quick: bool, out
         for bm in (16, 32) if t >= 128 else (16,):  # BLOCK_M 32 only where experts get > 16 rows
             al = align(ids, moe.n_routed_experts, bm, moe.n_shared_experts)
             act = gate_up(x, w13, shared, al, moe.n_routed_experts, GemmConfig(64, 128))
-            gu_best = min(
-                (
-                    _do_bench(lambda c=c: gate_up(x, w13, shared, al, moe.n_routed_experts, c), 20),
-                    c,
-                )
-                for c in (GemmConfig(*g) for g in gu_cands)
-            )
             out = torch.empty_like(x)
+
+            def run_gate_up(c: GemmConfig) -> None:
+                gate_up(x, w13, shared, al, moe.n_routed_experts, c)
 
             def run_down(c: GemmConfig) -> None:
                 y = down(act, w2, shared, weights, al, moe.n_routed_experts, moe.num_experts_per_tok, t, c)
                 combine(y, out, al.pairs_per_token)
 
-            dn_best = min(
-                (_do_bench(lambda c=c: run_down(c), 20), c) for c in (GemmConfig(*d) for d in dn_cands)
-            )
+            gu_best = _fastest(run_gate_up, [GemmConfig(*g) for g in gu_cands])
+            dn_best = _fastest(run_down, [GemmConfig(*d) for d in dn_cands])
             total = gu_best[0] + dn_best[0]
             if result is None or total < result[0]:
                 result = (total, bm, gu_best, dn_best)
@@ -420,7 +427,9 @@ def bench_layer(cfg: ModelConfig, tokens: tuple[int, ...], context: int, bw: flo
         x = torch.randn(t, 1, cfg.hidden_size, dtype=torch.bfloat16, device=DEV)
         res = torch.randn_like(x)
         with _path(True):
-            _, ids = layer.mlp.gate(layer.post_attention_layernorm(x).view(t, -1))
+            gate = layer.mlp.gate
+            assert isinstance(gate, torch.nn.Module)
+            _, ids = gate(layer.post_attention_layernorm(x).view(t, -1))
         hit = int(ids.unique().numel())
         nbytes = (
             dense

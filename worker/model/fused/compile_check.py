@@ -49,7 +49,7 @@ def compile_all(tiles: list[Any] | None = None) -> list[Compiled]:
     seen: set[tuple] = set()
 
     def compile_only(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options: dict[str, int] = {k: int(kwargs.pop(k)) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
         signature: dict[str, str] = {}
