@@ -14,6 +14,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU the fused Triton kernels (worker/model/fused/) run under Triton's CPU interpreter in
+# the tests. It must be on before Triton itself is imported (Triton's own library functions are
+# built for one mode or the other at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def seed(request) -> int:

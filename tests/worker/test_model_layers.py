@@ -7,7 +7,7 @@ import torch
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf3
 
-from mlaserve.worker.model import ModelConfig
+from mlaserve.worker.model import ModelConfig, fused
 from mlaserve.worker.model.moe import Experts, Router
 from mlaserve.worker.model.rope import RotaryEmbedding
 from tests.worker.hf_checkpoints import hf_written, tiny_v2_config, tiny_v3_config
@@ -121,8 +121,10 @@ def test_experts_match_transformers(seed):
 
 
 @pytest.mark.gpu
-def test_grouped_gemm_experts_on_gpu_match_the_loop(seed):
-    """bf16 on CUDA takes the grouped-GEMM path; the float32 CPU loop is its oracle."""
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_grouped_gemm_experts_on_gpu_match_the_loop(seed, fused_path):
+    """bf16 on CUDA takes the fused Triton kernels (or, with them off, the grouped-GEMM path); the
+    float32 CPU loop is the oracle of both."""
     cfg = ModelConfig.from_dict(
         hf_written(
             tiny_v3_config(
@@ -141,6 +143,7 @@ def test_grouped_gemm_experts_on_gpu_match_the_loop(seed):
     weights = torch.rand(40, 4, generator=gen)
     gpu = Experts(cfg.moe, cfg.hidden_size).to("cuda", torch.bfloat16)
     gpu.load_state_dict(ours.state_dict())
-    got = gpu(x.to("cuda", torch.bfloat16), ids.cuda(), weights.cuda()).float().cpu()
+    with fused.forced(fused_path):
+        got = gpu(x.to("cuda", torch.bfloat16), ids.cuda(), weights.cuda()).float().cpu()
     ref = ours(x.to(torch.bfloat16).float(), ids, weights)
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()

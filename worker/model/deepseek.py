@@ -33,16 +33,22 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [b, s_q, hidden]
+        x: torch.Tensor,  # [b, s_q, hidden]: the previous layer's MLP output (layer 0: the embeddings)
+        residual: torch.Tensor | None,  # [b, s_q, hidden]: the residual stream before x (layer 0: None)
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # each [b, s_q, 32]
         rotary: RotaryEmbedding,
         kv_cache: torch.Tensor,  # [num_pages, 64, 1, 576]
         meta: AttentionMetadata,
         cache_write: CacheWrite,
-    ) -> torch.Tensor:  # [b, s_q, hidden]
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, rotary, kv_cache, meta, cache_write)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, meta.token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's MLP output, the residual stream before it)
+        """The residual stream is carried beside the sublayer outputs, so that each residual add
+        happens inside the next norm (one fused kernel on CUDA); the sums are the same as
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))`, bit for bit on the torch path."""
+        h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, cos_sin, rotary, kv_cache, meta, cache_write)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        mlp = self.mlp(h, meta.token_mask) if isinstance(self.mlp, MoE) else self.mlp(h)
+        return mlp, residual
 
 
 class DeepseekModel(nn.Module):
@@ -70,6 +76,25 @@ class DeepseekForCausalLM(nn.Module):
         """lm_head shares the embedding matrix when the config says so (re-done after moving devices)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def compile_fused_kernels(self) -> int:
+        """Compiles the fused MoE kernels for every tile bucket up to moe.FUSED_MAX_TOKENS by running the
+        first MoE layer on zeros (Triton compiles on first use, ~1-2 s per kernel and config; the disk
+        cache makes later starts fast). Call at start-up so no serving step waits for a compile.
+        Returns how many bucket sizes ran (0 where the fused path is off)."""
+        from . import fused
+        from .fused.configs import table
+        from .moe import FUSED_MAX_TOKENS, MoE
+
+        probe = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        moe = next((layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)), None)
+        if moe is None or not fused.use_fused(probe):
+            return 0
+        sizes = sorted({min(t, FUSED_MAX_TOKENS) for t in table()})
+        for t in sizes:
+            moe(probe.expand(t, 1, -1).contiguous())
+        return len(sizes)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,11 +126,13 @@ class DeepseekForCausalLM(nn.Module):
         )
         cos_sin = self.rotary.cos_sin(positions)
         x = self.model.embed_tokens(input_ids)  # [b, s_q, hidden]
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, cos_sin, self.rotary, kv_cache, meta, cache_write)
+            x, residual = layer(x, residual, cos_sin, self.rotary, kv_cache, meta, cache_write)
         if only_last:
             x = x[:, -1:]
-        x = self.model.norm(x)
+            residual = residual[:, -1:] if residual is not None else None
+        x, _ = self.model.norm.add(x, residual)
         return self.lm_head(x).to(torch.float32)
 
     def _check_inputs(

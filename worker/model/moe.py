@@ -3,8 +3,13 @@ score-correction bias), routed experts stored fused, and always-on shared expert
 
 Routing math follows transformers' DeepseekV2TopkRouter / DeepseekV3TopkRouter (scores in float32);
 for deepseek_v2 a normalised top-k is not rescaled (DeepSeek's original V2 code; transformers never
-normalises V2), for deepseek_v3 it is. Routed experts run as one grouped GEMM per projection on
-CUDA in bf16 (no host sync), elsewhere as a loop over the experts that were hit.
+normalises V2), for deepseek_v3 it is.
+
+On CUDA bf16 with Triton (fused.use_fused) the router is one kernel (fused/router.py) and the routed
+and shared experts together are four (fused/moe_align.py, fused/moe.py: alignment, gate_up with
+SiLU·mul, down with the routing weight, combine) for up to FUSED_MAX_TOKENS tokens (decode and small
+prefills). Otherwise routed experts run as one grouped GEMM per projection on CUDA in bf16 (no host
+sync), elsewhere as a loop over the experts that were hit — the fused kernels' test oracle.
 """
 
 from __future__ import annotations
@@ -13,11 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import MoEConfig
 from .layers import DenseMLP
 
+# Above this many tokens in one forward (long prefills, compute-bound) the experts take the torch
+# grouped GEMM, tuned for large M; the fused kernels are tuned for decode's weight streaming.
+FUSED_MAX_TOKENS = 1024
+
 # One grouped GEMM over all experts (CUDA, bf16): torch >= 2.10 names it F.grouped_mm, earlier _grouped_mm.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _use_grouped(x: torch.Tensor) -> bool:
+    """The grouped-GEMM torch path: CUDA bf16 (where torch's grouped GEMM is fast)."""
+    return _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16
 
 
 class Router(nn.Module):
@@ -36,8 +51,12 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+        """x [T, H] -> (weights [T, k] float32, expert ids [T, k]: int64, int32 from the fused kernel)."""
         moe = self.moe
+        if fused.use_fused(x) and x.dtype == self.weight.dtype:
+            from .fused.router import route
+
+            return route(x, self.weight, moe, self.e_score_correction_bias)
         t, e, k = x.shape[0], moe.n_routed_experts, moe.num_experts_per_tok
         g = moe.n_group
         logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))  # [T, E]
@@ -88,8 +107,12 @@ class Experts(nn.Module):
         weights: torch.Tensor,  # [T, k] float32
     ) -> torch.Tensor:  # [T, H] in x's dtype
         t, k = ids.shape
+        if fused.use_fused(x) and t <= FUSED_MAX_TOKENS and x.dtype == self.gate_up_proj.dtype:
+            from .fused.moe import fused_moe
+
+            return fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj)
         flat = ids.reshape(-1)  # [T * k]
-        if _grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16:
+        if _use_grouped(x):
             sorted_ids, order = torch.sort(flat)  # token-expert pairs grouped by expert
             token = order // k  # [T * k]: the token of each sorted pair
             counts = torch.histc(
@@ -160,6 +183,15 @@ class MoE(nn.Module):
         weights, ids = self.gate(flat)
         if token_mask is not None:
             weights, ids = mask_padding_routes(weights, ids, token_mask)
+        experts = self.experts
+        if fused.use_fused(x) and flat.shape[0] <= FUSED_MAX_TOKENS and x.dtype == experts.gate_up_proj.dtype:
+            from .fused.moe import fused_moe
+
+            mlp = self.shared_experts
+            shared = (
+                (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight) if mlp is not None else None
+            )
+            return fused_moe(flat, ids, weights, experts.gate_up_proj, experts.down_proj, shared).view_as(x)
         out = self.experts(flat, ids, weights).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
