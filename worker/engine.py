@@ -105,6 +105,8 @@ class Engine:
             max_pages=-(-self._max_model_len // PAGE_SIZE),
             use_graphs=config.use_decode_graphs(device),
         )
+        if device.type == "cuda" and hasattr(model, "compile_fused_kernels"):
+            model.compile_fused_kernels()  # Triton compiles for every tile bucket now, not in a step
         decode_graphs.capture_all()  # every bucket now: no serving step stalls on a capture
         self.runner = ModelRunner(
             model,
