@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -62,6 +62,17 @@ def build_engine(model: str, engine_kwargs: dict[str, Any]) -> Any:
     return Engine.from_pretrained(model, **engine_kwargs)
 
 
+def merge_deltas(first: RequestDelta, then: RequestDelta) -> RequestDelta:
+    """One delta for two consecutive ones of a request (tokens and text joined; the later end)."""
+    return RequestDelta(
+        first.request_id,
+        first.token_ids + then.token_ids,
+        first.text + then.text,
+        finish_reason=then.finish_reason,
+        usage=then.usage,
+    )
+
+
 class WorkerActor:
     """See the module docstring. Ray: `ray.remote(WorkerActor)` (an async actor)."""
 
@@ -87,6 +98,8 @@ class WorkerActor:
         self._idle: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
+        self._calls_submitted = 0  # engine calls queued (event loop thread) ...
+        self._calls_started = 0  # ... and started (engine thread): steps yield to the difference
         self.num_requests = 0  # requests accepted over the actor's life
 
     # ------------------------------------------------------------------------------ plumbing
@@ -102,36 +115,62 @@ class WorkerActor:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run an engine call on the engine thread (calls run one at a time, in submission order)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.wrap_future(self._submit(fn, *args))
 
-    def _step_if_busy(self) -> list[RequestDelta] | None:
-        if not self._engine.has_unfinished():
-            return None
-        return self._engine.step()
+    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Queue an engine call; a running batch of steps stops for it after its current step."""
+        self._calls_submitted += 1  # only this (the event loop's) thread writes it
+
+        def run() -> T:
+            self._calls_started += 1  # only the engine thread writes it
+            return fn(*args)
+
+        return self._executor.submit(run)
+
+    def _run_steps(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """On the engine thread: steps back to back while there is work and no other engine call
+        waits, handing each step's deltas to the event loop without waiting for it (the streams'
+        Ray yields then never delay the next step). True if it stepped at all."""
+        stepped = False
+        while self._engine.has_unfinished():
+            deltas = self._engine.step()
+            stepped = True
+            if deltas:
+                loop.call_soon_threadsafe(self._dispatch, deltas)
+            if self._calls_started != self._calls_submitted:  # another call waits: it goes between two steps
+                break
+        return stepped
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            queue = self._streams.get(delta.request_id)
+            if queue is not None:
+                queue.put_nowait(delta)
 
     async def _step_loop(self) -> None:
         assert self._wake is not None
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()  # before looking for work: a request queued after the look sets it again
             try:
-                deltas = await self._call(self._step_if_busy)
+                stepped = await loop.run_in_executor(self._executor, self._run_steps, loop)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # noqa: BLE001 - any engine failure ends every stream here
                 logger.exception("worker %s: engine step failed", self.worker_id)
                 self._failure = e
                 err = WorkerFailed(f"worker {self.worker_id}: engine step failed: {e!r}")
-                for stream in self._streams.values():
-                    stream.put_nowait(err)
+                # after the deltas already handed over (call_soon_threadsafe keeps their order)
+                loop.call_soon(self._fail_streams, err)
                 return
-            if deltas is None:
+            if not stepped:
                 await self._wake.wait()
                 continue
-            for delta in deltas:
-                queue = self._streams.get(delta.request_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
-            await asyncio.sleep(0)  # let the streams forward what this step produced
+            await asyncio.sleep(0)  # let the streams forward what the steps produced
+
+    def _fail_streams(self, err: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(err)
 
     # ---------------------------------------------------------------------------- requests
     async def generate(
@@ -163,6 +202,13 @@ class WorkerActor:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # Deltas that queued up while the last one was in transit travel as one.
+                while not item.finished and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        yield item
+                        raise more
+                    item = merge_deltas(item, more)
                 yield item
                 if item.finished:
                     finished = True
@@ -173,7 +219,7 @@ class WorkerActor:
                 # The caller left early (cancelled or closed), possibly while add_request was still
                 # running on the engine thread: free the pages now. Submitted, not awaited, so it
                 # also runs while this task is being cancelled (unknown ids are a no-op).
-                self._executor.submit(self._engine.abort, request_id)
+                self._submit(self._engine.abort, request_id)
                 self._wake.set()
             if not self._streams:
                 self._idle.set()

@@ -172,7 +172,10 @@ def test_drain_finishes_in_flight_and_refuses_new():
         return deltas, ok, load, after
 
     deltas, ok, load, after = asyncio.run(main())
-    assert ok and deltas[-1].finish_reason is FinishReason.LENGTH and len(deltas) == 6
+    # (deltas that queue up while one is in transit travel merged: count tokens, not deltas)
+    assert (
+        ok and deltas[-1].finish_reason is FinishReason.LENGTH and sum(len(d.token_ids) for d in deltas) == 6
+    )
     assert load.draining
     assert after[-1].finished
 
@@ -229,3 +232,14 @@ def test_load_seq_is_monotonic():
 
     seqs = asyncio.run(main())
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
+
+
+def test_merged_deltas_keep_every_token_and_the_end():
+    from mlaserve.worker.actor import merge_deltas
+    from mlaserve.worker.types import RequestDelta, Usage
+
+    a = RequestDelta("r", (1, 2), "ab")
+    end = RequestDelta("r", (3,), "c", finish_reason=FinishReason.STOP, usage=Usage(4, 3, 0))
+    m = merge_deltas(a, end)
+    assert m == RequestDelta("r", (1, 2, 3), "abc", finish_reason=FinishReason.STOP, usage=Usage(4, 3, 0))
+    assert merge_deltas(RequestDelta("r", (), ""), a) == a

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.triton
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double(), ref.detach().double()
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 

@@ -56,11 +56,13 @@ class MoETiles:
 
 # Upper bound of T -> config; the first bucket >= T is used (the last one above it).
 DEFAULT_TABLE: dict[int, MoETiles] = {
-    1: MoETiles(16, GemmConfig(32, 128, 4, 4), GemmConfig(32, 128, 4, 4)),
-    16: MoETiles(16, GemmConfig(32, 128, 4, 4), GemmConfig(32, 128, 4, 4)),
-    64: MoETiles(16, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4)),
+    # T = 1..256: the best of `bench_fused --sweep` on the H200 (2026-12-01; no split-K anywhere, so a
+    # token's output does not depend on its batch's bucket)
+    1: MoETiles(16, GemmConfig(128, 128, 8, 3), GemmConfig(16, 128, 4, 4)),
+    16: MoETiles(16, GemmConfig(32, 256, 4, 3), GemmConfig(64, 128, 4, 4)),
+    64: MoETiles(16, GemmConfig(32, 128, 4, 4), GemmConfig(64, 128, 4, 4)),
     128: MoETiles(16, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4)),
-    256: MoETiles(32, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4)),
+    256: MoETiles(32, GemmConfig(64, 64, 4, 5), GemmConfig(128, 128, 8, 3)),
     1024: MoETiles(64, GemmConfig(64, 64, 4, 3), GemmConfig(64, 64, 4, 3)),
     1 << 30: MoETiles(64, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3)),
 }
