@@ -1,77 +1,56 @@
 """The gRPC edge: proto messages <-> domain types, and the `mlaserve.v1.Decoder` servicer.
 
-Conversions validate every field of a request against `ServiceLimits` and raise
-`InvalidRequest(field, message)` naming the field as the client spelled it
-("sampling.top_p: must be in (0, 1], got 0"). The servicer maps the cluster's errors to status
-codes (InvalidRequest -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, Draining ->
-UNAVAILABLE, a missing bearer token -> UNAUTHENTICATED, SuspectedPoison -> INTERNAL with its own
-message, anything else -> INTERNAL) and ties the request's life to the RPC: when the client
-cancels or its deadline passes, grpc.aio cancels the handler task, and the `finally` below closes
-the pool's stream, which aborts the request on its worker and frees its pages.
+Conversions validate every field of a request against `ServiceLimits` (the checks live in
+cluster/validation.py, shared with the HTTP API) and raise `InvalidRequest(field, message)` naming
+the field as the client spelled it ("sampling.top_p: must be in (0, 1], got 0"). The servicer runs
+requests through the gateway's transport-neutral core (cluster/gateway.py: auth, draining, metrics,
+in-flight accounting) and maps the cluster's errors to status codes (InvalidRequest ->
+INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED, Draining -> UNAVAILABLE, a missing bearer token
+-> UNAUTHENTICATED, SuspectedPoison -> INTERNAL with its own message, anything else -> INTERNAL).
+It ties the request's life to the RPC: when the client cancels or its deadline passes, grpc.aio
+cancels the handler task, and the `finally` below closes the stream, which aborts the request on
+its worker and frees its pages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull, SuspectedPoison
-from mlaserve.cluster.metrics import GatewayMetrics, PoolCounterSnapshot, worker_health
+from mlaserve.cluster.gateway import GatewayCore, Pool, Unauthenticated, pool_counters
+from mlaserve.cluster.metrics import GatewayMetrics, worker_health
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest, WorkerStatus
+from mlaserve.cluster.validation import (
+    ServiceLimits,
+    Tokenizer,
+    check_prompt_ids,
+    check_prompt_text,
+    check_request_id,
+    check_sampling,
+)
 from mlaserve.protos import decoder_pb2 as pb
 from mlaserve.protos import decoder_pb2_grpc as pb_grpc
 from mlaserve.worker.types import FinishReason, RequestDelta, SamplingParams, Usage
+
+__all__ = [  # ServiceLimits, Tokenizer, Pool, Unauthenticated and pool_counters live on beside the servicer
+    "SERVICE_NAME",
+    "DecoderService",
+    "Pool",
+    "ServiceLimits",
+    "Tokenizer",
+    "Unauthenticated",
+    "pool_counters",
+]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name  # "mlaserve.v1.Decoder"
 _SAMPLING_DEFAULTS = SamplingParams()
-_INT32_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one request may ask for. Message size is limited by the server (ServerConfig)."""
-
-    max_prompt_tokens: int = 32768  # prompt tokens (token-id prompts, and text prompts once tokenized)
-    max_prompt_chars: int = 1 << 20  # characters of a text prompt, checked before tokenizing
-    max_tokens: int = 4096  # sampling.max_tokens
-    max_stop: int = 16  # number of stop strings, and of stop token ids
-    max_stop_chars: int = 256  # characters of one stop string
-    max_request_id_chars: int = 128
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_prompt_tokens",
-            "max_prompt_chars",
-            "max_tokens",
-            "max_stop",
-            "max_stop_chars",
-            "max_request_id_chars",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServiceLimits.{name} must be an integer >= 1, got {value!r}")
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-
-class Pool(Protocol):
-    """The part of the WorkerPool API the service uses."""
-
-    def generate(self, req: GenerationRequest) -> AsyncIterator[ClusterDelta]: ...
-
-    async def status(self) -> list[WorkerStatus]: ...
 
 
 # -- proto -> domain ------------------------------------------------------------------------------
@@ -82,46 +61,18 @@ def sampling_from_proto(
 ) -> SamplingParams:
     """Validate and convert; unset optional fields take SamplingParams' defaults."""
     d = _SAMPLING_DEFAULTS
-    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else d.max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise InvalidRequest(f"{field}.max_tokens", f"must be in [1, {limits.max_tokens}], got {max_tokens}")
-    temperature = float(msg.temperature) if msg.HasField("temperature") else d.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest(f"{field}.temperature", f"must be a finite number >= 0, got {temperature}")
-    top_p = float(msg.top_p) if msg.HasField("top_p") else d.top_p
-    if not (0.0 < top_p <= 1.0):  # also rejects NaN
-        raise InvalidRequest(f"{field}.top_p", f"must be in (0, 1], got {top_p}")
-    if msg.top_k < 0:
-        raise InvalidRequest(f"{field}.top_k", f"must be >= 0 (0 disables it), got {msg.top_k}")
-    seed = int(msg.seed) if msg.HasField("seed") else None
-    if len(msg.stop) > limits.max_stop:
-        raise InvalidRequest(f"{field}.stop", f"at most {limits.max_stop} stop strings, got {len(msg.stop)}")
-    for i, s in enumerate(msg.stop):
-        if not s:
-            raise InvalidRequest(f"{field}.stop[{i}]", "must be a non-empty string")
-        if len(s) > limits.max_stop_chars:
-            raise InvalidRequest(f"{field}.stop[{i}]", f"longer than {limits.max_stop_chars} characters")
-    if len(msg.stop_token_ids) > limits.max_stop:
-        raise InvalidRequest(
-            f"{field}.stop_token_ids",
-            f"at most {limits.max_stop} stop token ids, got {len(msg.stop_token_ids)}",
-        )
-    for i, t in enumerate(msg.stop_token_ids):
-        if t < 0:
-            raise InvalidRequest(f"{field}.stop_token_ids[{i}]", f"must be a token id >= 0, got {t}")
-    try:
-        return SamplingParams(
-            max_tokens=int(max_tokens),
-            temperature=temperature,
-            top_p=top_p,
-            top_k=int(msg.top_k),
-            seed=seed,
-            stop=tuple(msg.stop),
-            stop_token_ids=tuple(msg.stop_token_ids),
-            ignore_eos=bool(msg.ignore_eos),
-        )
-    except ValueError as e:  # a rule SamplingParams has and the checks above missed
-        raise InvalidRequest(field, str(e)) from e
+    return check_sampling(
+        limits,
+        max_tokens=int(msg.max_tokens) if msg.HasField("max_tokens") else d.max_tokens,
+        temperature=float(msg.temperature) if msg.HasField("temperature") else d.temperature,
+        top_p=float(msg.top_p) if msg.HasField("top_p") else d.top_p,
+        top_k=int(msg.top_k),
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=bool(msg.ignore_eos),
+        prefix=f"{field}.",
+    )
 
 
 def request_from_proto(
@@ -136,11 +87,7 @@ def request_from_proto(
     max_prompt_tokens only if its UTF-8 length does (every token covers at least one byte; +2
     for special tokens), so only such long prompts are tokenized here to check the limit.
     """
-    request_id = msg.request_id or new_request_id()
-    if len(request_id) > limits.max_request_id_chars:
-        raise InvalidRequest("request_id", f"longer than {limits.max_request_id_chars} characters")
-    if not request_id.isprintable():
-        raise InvalidRequest("request_id", "must contain printable characters only")
+    request_id = check_request_id(msg.request_id or new_request_id(), limits)
     sampling = sampling_from_proto(msg.sampling, limits)
     resume = tuple(msg.resume_token_ids)
     if len(resume) > sampling.max_tokens:
@@ -155,26 +102,15 @@ def request_from_proto(
     if text and ids:
         raise InvalidRequest("prompt", "set exactly one of prompt / prompt_token_ids, not both")
     if ids:
-        if len(ids) > limits.max_prompt_tokens:
-            raise InvalidRequest(
-                "prompt_token_ids", f"{len(ids)} tokens exceed the limit of {limits.max_prompt_tokens}"
-            )
-        for i, t in enumerate(ids):
-            if t < 0:
-                raise InvalidRequest(f"prompt_token_ids[{i}]", f"must be a token id >= 0, got {t}")
         return GenerationRequest(
-            request_id=request_id, sampling=sampling, prompt_token_ids=tuple(ids), resume_token_ids=resume
+            request_id=request_id,
+            sampling=sampling,
+            prompt_token_ids=check_prompt_ids(ids, limits),
+            resume_token_ids=resume,
         )
     if not text:
         raise InvalidRequest("prompt", "empty: set prompt (text) or prompt_token_ids")
-    if len(text) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            "prompt", f"{len(text)} characters exceed the limit of {limits.max_prompt_chars}"
-        )
-    if tokenizer is not None and len(text.encode("utf-8")) + 2 > limits.max_prompt_tokens:
-        n = len(tokenizer.encode(text))
-        if n > limits.max_prompt_tokens:
-            raise InvalidRequest("prompt", f"{n} tokens exceed the limit of {limits.max_prompt_tokens}")
+    text = check_prompt_text(text, limits, tokenizer)
     return GenerationRequest(request_id=request_id, sampling=sampling, prompt=text, resume_token_ids=resume)
 
 
@@ -317,10 +253,6 @@ class _Accumulator:
 # -- the servicer ---------------------------------------------------------------------------------
 
 
-class Unauthenticated(ClusterError):
-    """A Decoder RPC without the server's bearer token (-> UNAUTHENTICATED)."""
-
-
 _ERROR_CODES: tuple[tuple[type[ClusterError], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -337,22 +269,12 @@ def status_code_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def pool_counters(pool: Any) -> PoolCounterSnapshot:
-    """A copy of the pool's cumulative counters (`pool.counters`) for the metrics."""
-    return PoolCounterSnapshot.of(getattr(pool, "counters", None))
-
-
-async def _aclose(stream: Any) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 class DecoderService(pb_grpc.DecoderServicer):
-    """mlaserve.v1.Decoder over a WorkerPool.
+    """mlaserve.v1.Decoder over a WorkerPool, through the gateway's transport-neutral core.
 
     With `auth_token` set, every Decoder RPC must carry the metadata
-    `authorization: Bearer <token>` (health and reflection stay open).
+    `authorization: Bearer <token>` (health and reflection stay open). `core` is shared with the
+    HTTP API when the server runs one (cluster/openai_http.py).
     """
 
     def __init__(
@@ -362,27 +284,27 @@ class DecoderService(pb_grpc.DecoderServicer):
         metrics: GatewayMetrics | None = None,
         auth_token: str | None = None,
     ) -> None:
-        self._pool = pool
-        self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
-        self.limits = limits or ServiceLimits()
-        self.metrics = metrics or GatewayMetrics()
-        self.draining = False  # set by the server: new requests get UNAVAILABLE, running ones finish
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.core = GatewayCore(pool, limits, metrics, auth_token)
+        self.limits = self.core.limits
+        self.metrics = self.core.metrics
+
+    @property
+    def draining(self) -> bool:
+        """Set by the server: new requests get UNAVAILABLE, running ones finish (both transports)."""
+        return self.core.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.core.draining = value
 
     @property
     def active_requests(self) -> int:
-        """Generation RPCs in progress."""
-        return self._active
+        """Generation requests in progress (gRPC and HTTP)."""
+        return self.core.active_requests
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no generation RPC is in progress; False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        """Wait until no generation request is in progress; False if `timeout` passed first."""
+        return await self.core.wait_idle(timeout)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         await self._generate(request, context, "Generate", stream=True)
@@ -399,76 +321,46 @@ class DecoderService(pb_grpc.DecoderServicer):
     ) -> pb.ClusterStatus:
         try:
             self._authorize(context)
-            statuses = await self._pool.status()
+            statuses = await self.core.status()
         except Exception as e:  # noqa: BLE001 - reported to the client as a status code
             code = status_code_for(e)
             self.metrics.record_rpc("GetClusterStatus", code.name)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("GetClusterStatus failed")
             await context.abort(code, str(e) if isinstance(e, ClusterError) else f"cluster status: {e}")
-        self.metrics.update_cluster(statuses, pool_counters(self._pool))
         self.metrics.record_rpc("GetClusterStatus", "OK")
         return cluster_status_to_proto(statuses, serving=not self.draining)
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self._expected_auth is None:
-            return
-        sent = ""
+        sent = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                sent = value if isinstance(value, str) else value.decode("latin-1")
-        if not hmac.compare_digest(sent.encode("utf-8", "replace"), self._expected_auth):
-            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-
-    def _tokenizer(self) -> Tokenizer | None:
-        try:
-            return getattr(self._pool, "tokenizer", None)
-        except Exception:  # noqa: BLE001 - a pool without a loaded tokenizer: skip the exact count
-            return None
+                sent = value
+        self.core.authorize(sent, "metadata")
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, method: str, stream: bool
     ) -> pb.GenerateResponse | None:
         code = grpc.StatusCode.OK
-        tracker = None
         request_id = ""
-        self._active += 1
-        self._idle.clear()
         try:
             self._authorize(context)
-            if self.draining:
-                raise Draining("the server is draining: send new requests to another replica")
-            req = request_from_proto(request, self.limits, self._tokenizer())
+            self.core.admit()
+            req = request_from_proto(request, self.limits, self.core.tokenizer())
             request_id = req.request_id
-            tracker = self.metrics.request_tracker()
             acc = _Accumulator(request_id)
             finished = False
-            deltas = self._pool.generate(req)
+            deltas = self.core.generate(req)
             try:
                 async for cd in deltas:
-                    d = cd.delta
-                    tracker.tokens(len(d.token_ids))
                     if stream:
                         await context.write(delta_to_proto(cd))
                     else:
                         acc.add(cd)
-                    if d.finished:
-                        finished = True
-                        usage = d.usage
-                        tracker.finish(
-                            d.finish_reason.value if d.finish_reason else None,
-                            prompt_tokens=usage.prompt_tokens if usage else 0,
-                            cached_tokens=usage.cached_tokens if usage else 0,
-                        )
-                        break
+                    finished = cd.delta.finished
             finally:
-                # Closing the pool's stream aborts the request on its worker if it is still running
-                # (client cancel, deadline, an error above), so its pages are freed at once.
-                await _aclose(deltas)
-            if not finished:
-                raise RuntimeError(
-                    f"request {request_id}: the cluster's stream ended without a finish reason"
-                )
+                await deltas.aclose()  # at once, also when cancelled: aborts the request, frees its pages
+            assert finished  # the core raises when the pool's stream ends without a final delta
             return None if stream else acc.result()
         except asyncio.CancelledError:
             remaining = context.time_remaining()
@@ -487,10 +379,5 @@ class DecoderService(pb_grpc.DecoderServicer):
                 message = str(e)
             await context.abort(code, message)
         finally:
-            if tracker is not None:
-                tracker.close()
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
             self.metrics.record_rpc(method, code.name)
         return None  # unreachable: context.abort raises
