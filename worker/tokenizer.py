@@ -69,11 +69,12 @@ class TextTokenizer:
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.name = name
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (special tokens only where the tokenizer.json's post-processor adds them)."""
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (special tokens only where the tokenizer.json's post-processor adds them,
+        and not at all with add_special_tokens=False: a rendered chat template writes its own)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self._tok.encode(text).ids)
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; ids the tokenizer does not know (the model's padded vocab) decode to nothing."""
