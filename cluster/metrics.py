@@ -1,9 +1,10 @@
-"""Prometheus metrics of one gateway: request latencies from the gRPC edge, cluster load from the pool.
+"""Prometheus metrics of one gateway: request latencies from its edges (gRPC and the OpenAI HTTP API
+share the request metrics; each has its own request counter), cluster load from the pool.
 
 Each `GatewayMetrics` owns a dedicated CollectorRegistry (several servers can run in one
 process, e.g. in tests) and serves it over HTTP with `start_http(port)`.
 
-- Request-side metrics are observed by the Decoder service as requests stream: time to first
+- Request-side metrics are observed by the gateway's core (cluster/gateway.py) as requests stream: time to first
   token, inter-token latency, request duration, outcomes by status code, tokens.
 - Cluster-side metrics (per-worker occupancy, pages, running/waiting, tokens/s, health,
   restarts; routing decisions, retries, resumes, preemptions, rejections, scaling) come from a
@@ -224,6 +225,12 @@ class GatewayMetrics:
         self.finished = Counter(
             "mlaserve_requests_finished", "Generation requests by finish reason", ["reason"], registry=r
         )
+        self.http_requests = Counter(
+            "mlaserve_http_requests",
+            "Finished requests of the OpenAI HTTP API by path and HTTP status (499: the client went away)",
+            ["path", "status"],
+            registry=r,
+        )
         self._cluster = _ClusterCollector()
         r.register(self._cluster)
         self._http: Any = None
@@ -247,6 +254,9 @@ class GatewayMetrics:
 
     def record_rpc(self, method: str, code: str) -> None:
         self.requests.labels(method=method, code=code).inc()
+
+    def record_http(self, path: str, status: int) -> None:
+        self.http_requests.labels(path=path, status=str(status)).inc()
 
     # -- export ---------------------------------------------------------------------------------
 

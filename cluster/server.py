@@ -2,14 +2,18 @@
 
 One `GatewayServer` serves `mlaserve.v1.Decoder` (cluster/service.py), the standard
 `grpc.health.v1.Health` service (SERVING; NOT_SERVING once draining) and server reflection, with
-limits on message size and concurrent RPCs, and Prometheus metrics on an HTTP port. It does not
-own the pool: whoever made the pool starts it before and shuts it down after the server.
+limits on message size and concurrent RPCs, and Prometheus metrics on an HTTP port. With
+`ServerConfig.http` set it also serves the OpenAI-compatible HTTP API (cluster/openai_http.py)
+over the same core: same pool, router, auth, draining and metrics. It does not own the pool:
+whoever made the pool starts it before and shuts it down after the server.
 
 With `ServerConfig.tls` (cluster/tls.py) every service, health and reflection included, is served
 over TLS only, and with a client CA only to clients holding a certificate it signed (mutual TLS).
 The bearer token guards the Decoder RPCs; health and reflection need none. A gateway bound beyond
 loopback without TLS, or without any client authentication, logs a warning at start naming the
-flag to set.
+flag to set. The HTTP API has no TLS of its own (terminate TLS in a proxy in front of it): it
+warns when reachable beyond loopback, and refuses to start there with mutual TLS but no bearer
+token, since it cannot check client certificates.
 
     server = GatewayServer(pool, ServerConfig(port=50051, metrics_port=9090))
     await server.start()
@@ -30,8 +34,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mlaserve.cluster.metrics import GatewayMetrics
+from mlaserve.cluster.openai_http import HttpConfig, OpenAIHttpServer, http_exposure_warnings
 from mlaserve.cluster.service import SERVICE_NAME, DecoderService, Pool, ServiceLimits, pool_counters
-from mlaserve.cluster.tls import TLSConfig, exposure_warnings
+from mlaserve.cluster.tls import TLSConfig, exposure_warnings, is_loopback
 from mlaserve.protos import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ class ServerConfig:
     stop_grace_s: float = 5.0  # grace given to RPCs still open when the server stops
     auth_token: str | None = field(default=None, repr=False)  # Decoder RPCs need "authorization: Bearer <it>"
     tls: TLSConfig | None = None  # None: plaintext; set: TLS (mutual with tls.client_ca_file)
+    http: HttpConfig | None = None  # the OpenAI HTTP API beside gRPC (same token); None: off
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -66,6 +72,14 @@ class ServerConfig:
         for name in ("status_interval_s", "drain_timeout_s", "stop_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        http_host = (self.http.host or self.host) if self.http is not None else None
+        mutual_only = self.tls is not None and self.tls.mutual and not self.auth_token
+        if http_host is not None and mutual_only and not is_loopback(http_host):
+            raise ValueError(
+                "the OpenAI HTTP API (--http-port) has no TLS and cannot check client certificates: "
+                "with --tls-client-ca and no --auth-token it would be open to anyone who reaches it; "
+                "set --auth-token, or bind the HTTP API to loopback"
+            )
 
 
 class GatewayServer:
@@ -80,6 +94,7 @@ class GatewayServer:
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task | None = None
         self.port: int | None = None
+        self.http: OpenAIHttpServer | None = None
 
     @property
     def address(self) -> str:
@@ -94,6 +109,11 @@ class GatewayServer:
     @property
     def metrics_port(self) -> int | None:
         return self.metrics.http_port
+
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI HTTP API's port (None: not serving it)."""
+        return self.http.port if self.http is not None else None
 
     async def start(self) -> int:
         """Bind, start serving, mark SERVING; return the gRPC port."""
@@ -127,19 +147,31 @@ class GatewayServer:
         self._server, self.port = server, port
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if cfg.metrics_port is not None:
-            self.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
+        try:
+            if cfg.http is not None:
+                http = OpenAIHttpServer(self.service.core, cfg.http, host=cfg.host)
+                await http.start()
+                self.http = http
+            if cfg.metrics_port is not None:
+                self.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         self._poller = asyncio.create_task(self._poll_status(), name="mlaserve-status-poller")
         log.info(
-            "gRPC gateway on %s:%d, %s%s (metrics: %s)",
+            "gRPC gateway on %s:%d, %s%s (HTTP API: %s, metrics: %s)",
             cfg.host,
             port,
             cfg.tls.describe() if cfg.tls else "plaintext",
             ", bearer token required" if cfg.auth_token else "",
+            self.http.base_url if self.http else None,
             self.metrics_port,
         )
         for warning in exposure_warnings(cfg.host, cfg.tls, cfg.auth_token):
             log.warning("%s", warning)
+        if self.http is not None:
+            for warning in http_exposure_warnings(self.http.host, self.http.port or 0, cfg.auth_token):
+                log.warning("%s", warning)
         return port
 
     async def refresh_metrics(self) -> None:
@@ -158,7 +190,8 @@ class GatewayServer:
             await asyncio.sleep(self.config.status_interval_s)
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Stop taking requests (health NOT_SERVING, new RPCs UNAVAILABLE), let in-flight ones finish.
+        """Stop taking requests (health NOT_SERVING, new RPCs UNAVAILABLE, new HTTP requests 503),
+        let in-flight ones (of both transports) finish.
 
         Returns False if requests were still running when `timeout` (default
         config.drain_timeout_s) passed.
@@ -179,9 +212,13 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        grace = self.config.stop_grace_s if grace is None else grace
+        if self.http is not None:
+            await self.http.stop(grace)
+            self.http = None
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(self.config.stop_grace_s if grace is None else grace)
+            await self._server.stop(grace)
             self._server = None
         self.metrics.stop_http()
 

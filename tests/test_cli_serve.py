@@ -87,6 +87,39 @@ def test_serve_engine_flags_reach_the_pool_config():
         parse("serve", ["--policy", "random"])
 
 
+def test_serve_http_flags_reach_the_server_config():
+    from mlaserve.cluster.commands.serve import server_config_from_args
+    from mlaserve.cluster.openai_http import HttpConfig
+
+    assert server_config_from_args(parse("serve", [])).http is None  # off by default
+    argv = [
+        "--http-port",
+        "0",
+        "--served-model-name",
+        "mla",
+        "--chat-template",
+        "t.jinja",
+        "--auth-token",
+        "k",
+    ]
+    config = server_config_from_args(parse("serve", argv))
+    assert config.http == HttpConfig(
+        port=0, model="tiny", served_model_name="mla", chat_template_file="t.jinja"
+    )
+    assert config.auth_token == "k" and config.http.model_name == "mla"
+    assert server_config_from_args(parse("serve", ["--http-port", "8000"])).http.model_name == "tiny"
+
+
+def test_serve_refuses_bad_http_settings_before_starting_ray(monkeypatch, capsys):
+    from mlaserve.cluster.commands import serve
+
+    monkeypatch.setattr(serve, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    assert cli.main(["serve", "--http-port", "0", "--chat-template", "/no/such/template.jinja"]) == 2
+    assert "chat template file /no/such/template.jinja does not exist" in capsys.readouterr().err
+    assert cli.main(["serve", "--http-port", "70000"]) == 2
+    assert "HttpConfig.port must be in [0, 65535]" in capsys.readouterr().err
+
+
 class BackgroundGateway:
     """A GatewayServer over a FakePool, its loop in a thread (the CLI runs its own loop)."""
 

@@ -2,9 +2,10 @@
 
 Joins the Ray cluster at --address (or RAY_ADDRESS), else starts a local one. The gateway serves
 mlaserve.v1.Decoder, grpc.health.v1 and reflection on --host:--port (TLS with --tls-cert/--tls-key,
-mutual TLS with --tls-client-ca), Prometheus metrics on --metrics-port. On SIGINT/SIGTERM it stops
-taking requests (health NOT_SERVING, new RPCs UNAVAILABLE), lets in-flight requests finish (up to
---drain-timeout), then shuts down; a second signal skips the wait.
+mutual TLS with --tls-client-ca), the OpenAI-compatible HTTP API on --http-port (off by default;
+plaintext), Prometheus metrics on --metrics-port. On SIGINT/SIGTERM it stops taking requests
+(health NOT_SERVING, new RPCs UNAVAILABLE, new HTTP requests 503), lets in-flight requests finish
+(up to --drain-timeout), then shuts down; a second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlaserve.cluster.commands.options import (
     add_server_tls_arguments,
     server_tls_from_args,
 )
+from mlaserve.cluster.openai_http import HttpConfig
 from mlaserve.cluster.router import POLICIES
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 from mlaserve.cluster.service import ServiceLimits
@@ -97,9 +99,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-message-bytes", type=int, default=ServerConfig.max_message_bytes, help="largest gRPC message"
     )
     parser.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s, help="seconds")
-    add_auth_token_argument(parser, "require 'authorization: Bearer TOKEN' on Decoder RPCs (unset: open)")
+    add_auth_token_argument(
+        parser, "require 'authorization: Bearer TOKEN' on Decoder RPCs and /v1 HTTP requests (unset: open)"
+    )
     add_server_tls_arguments(parser)
+    add_http_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The OpenAI-compatible HTTP API's options."""
+    group = parser.add_argument_group("OpenAI-compatible HTTP API")
+    group.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve /v1/completions, /v1/chat/completions, /v1/models and /health here, on --host "
+        "(default: off; 0: any free port)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send and /v1/models lists (default: --model)",
+    )
+    group.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template that replaces the checkpoint's own (tokenizer_config.json)",
+    )
+
+
+def http_config_from_args(args: argparse.Namespace) -> HttpConfig | None:
+    if args.http_port is None:
+        return None
+    return HttpConfig(
+        port=args.http_port,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        chat_template_file=args.chat_template,
+    )
 
 
 def pool_config_from_args(args: argparse.Namespace) -> Any:
@@ -141,6 +180,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout,
         auth_token=args.auth_token or None,
         tls=server_tls_from_args(args),
+        http=http_config_from_args(args),
     )
 
 
@@ -193,10 +233,11 @@ async def _serve(args: argparse.Namespace, server_config: ServerConfig) -> int:
         loop.add_signal_handler(sig, on_signal)
     async with running_gateway(pool_config_from_args(args), server_config) as server:
         metrics = f", metrics on http://{server.config.metrics_host}:{server.metrics_port}/metrics"
+        http = f", OpenAI API on {server.http.base_url}" if server.http is not None else ""
         print(
             f"mlaserve: serving {args.model} on {server.config.host}:{server.port}"
             f"{' (' + server.config.tls.describe() + ')' if server.config.tls else ''}"
-            f"{metrics if server.metrics_port else ''}; Ctrl-C to drain and stop",
+            f"{http}{metrics if server.metrics_port else ''}; Ctrl-C to drain and stop",
             flush=True,
         )
         await stop.wait()
@@ -209,8 +250,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:  # before Ray and the workers start: a bad TLS file or limit fails in a second
+    try:  # before Ray and the workers start: a bad TLS file, limit or chat template fails in a second
         server_config = server_config_from_args(args)
+        http = server_config.http
+        if http is not None and http.chat_template_file is not None:
+            from mlaserve.worker.chat_template import load_chat_template
+
+            load_chat_template(http.model, http.chat_template_file)
     except ValueError as e:
         print(f"mlaserve serve: {e}", file=sys.stderr)
         return 2
@@ -219,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args, server_config))
     except asyncio.CancelledError:
         return 130
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"mlaserve serve: {e}", file=sys.stderr)
         return 1
     finally:
