@@ -387,3 +387,28 @@ def test_a_taken_http_port_fails_the_start_and_leaves_nothing_running():
             assert other.port is not None and other._server is None  # its gRPC server was stopped again
 
     run(body())
+
+
+def test_the_plaintext_http_api_never_opens_a_mutual_tls_gateway(tmp_path, caplog):
+    from mlaserve.cluster.openai_http import http_exposure_warnings
+    from mlaserve.cluster.tls import TLSConfig
+
+    from .tls_certs import make_certs
+
+    certs = make_certs(tmp_path)
+    mutual = TLSConfig.from_files(cert=certs.server_cert, key=certs.server_key, client_ca=certs.ca)
+    http = HttpConfig(port=0, model="tiny")
+    # It cannot check client certificates: beyond loopback it needs the bearer token, or no start.
+    with pytest.raises(ValueError, match="cannot check client certificates"):
+        ServerConfig(host="0.0.0.0", tls=mutual, http=http)
+    with pytest.raises(ValueError, match="set --auth-token"):
+        ServerConfig(host="127.0.0.1", tls=mutual, http=HttpConfig(port=0, host="0.0.0.0"))
+    ServerConfig(host="0.0.0.0", tls=mutual, http=http, auth_token="t")
+    ServerConfig(host="127.0.0.1", tls=mutual, http=http)
+    ServerConfig(host="0.0.0.0", tls=mutual)  # no HTTP API: nothing to refuse
+
+    assert http_exposure_warnings("127.0.0.1", 8000, None) == []
+    warnings = http_exposure_warnings("0.0.0.0", 8000, None)
+    assert len(warnings) == 2 and "without TLS" in warnings[0] and "--auth-token" in warnings[1]
+    (only,) = http_exposure_warnings("0.0.0.0", 8000, "t")
+    assert "bearer token travel in clear text" in only
