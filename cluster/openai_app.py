@@ -8,7 +8,7 @@ the gRPC servicer's; the JSON side is cluster/openai_protocol.py.
   constant-time check; 401 otherwise). /health stays open, as gRPC health does.
 - Errors are OpenAI's JSON bodies: 400 naming the field (`param`), 401, 404 (unknown model or
   route), 413 (body over the limit), 429 (queues full, `Retry-After`), 503 (draining or no
-  live worker, `Retry-After`), 500.
+  live worker, `Retry-After`), 500 (code `suspected_poison` for a request that crashed workers).
 - A generation answers only once its first delta (or its error) is there, so errors the pool
   finds (vocabulary, context length, full queues) still get their status code; streams then go
   out as server-sent events ending with `data: [DONE]`. An error after the first token reaches a
@@ -37,7 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull
+from mlaserve.cluster.errors import ClusterError, Draining, InvalidRequest, QueueFull, SuspectedPoison
 from mlaserve.cluster.gateway import GatewayCore, Unauthenticated
 from mlaserve.cluster.openai_protocol import (
     AnswerHeader,
@@ -100,6 +100,8 @@ def api_error(err: BaseException, kind: str) -> ApiError:
         return ApiError(
             429, str(err), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
         )
+    if isinstance(err, SuspectedPoison):  # it crashed workers: a 500 that says so, not to be retried
+        return ApiError(500, str(err), type="server_error", code="suspected_poison")
     if isinstance(err, Draining):
         return ApiError(
             503, str(err), type="service_unavailable", code="unavailable", headers={"Retry-After": "1"}

@@ -412,3 +412,25 @@ def test_the_plaintext_http_api_never_opens_a_mutual_tls_gateway(tmp_path, caplo
     assert len(warnings) == 2 and "without TLS" in warnings[0] and "--auth-token" in warnings[1]
     (only,) = http_exposure_warnings("0.0.0.0", 8000, "t")
     assert "bearer token travel in clear text" in only
+
+
+class PoisonPool(FakePool):
+    async def generate(self, req):  # type: ignore[override]
+        if req.prompt == "poison":
+            from mlaserve.cluster.errors import SuspectedPoison
+
+            raise SuspectedPoison("request crashed workers w0, w1")
+        async for cd in super().generate(req):
+            yield cd
+
+
+def test_a_suspected_poison_request_is_a_500_that_names_it():
+    async def body():
+        async with gateway(PoisonPool(step_s=0.002)) as g:
+            with pytest.raises(openai.InternalServerError) as info:
+                await g.client().completions.create(model="tiny", prompt="poison", max_tokens=2)
+            body = info.value.body
+            assert body["code"] == "suspected_poison" and body["message"] == "request crashed workers w0, w1"
+            assert (await g.client().completions.create(model="tiny", prompt="fine", max_tokens=2)).usage
+
+    run(body())
