@@ -25,11 +25,18 @@ def tiny():
 
 
 def make_engine(
-    loaded, *, num_pages: int = 64, prefix: bool = True, max_batched_tokens: int = 512, **kw
+    loaded,
+    *,
+    num_pages: int = 64,
+    prefix: bool = True,
+    max_batched_tokens: int = 512,
+    overlap: bool = True,
+    **kw,
 ) -> Engine:
     config = EngineConfig(
         cache=CacheConfig(num_pages=num_pages, poison_unused=True, enable_prefix_caching=prefix),
         scheduler=SchedulerConfig(max_batched_tokens=max_batched_tokens, **kw),
+        overlap=overlap,
     )
     return Engine(
         loaded.model,

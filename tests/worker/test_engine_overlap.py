@@ -18,6 +18,7 @@ from mlaserve.worker.model import load_model
 from mlaserve.worker.model_runner import LaunchedStep
 from mlaserve.worker.types import FinishReason, SamplingParams
 from tests.worker.test_engine import BYTE_TOKENS, assert_same_greedy, random_prompts, record_logits
+from tests.worker.test_engine import make_engine as make_tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +26,9 @@ def tiny():
     return load_model("tiny", device="cpu", dtype=torch.float32)
 
 
-def make_engine(loaded, *, overlap: bool, num_pages: int, max_batched_tokens: int = 256) -> Engine:
-    config = EngineConfig(
-        cache=CacheConfig(num_pages=num_pages, poison_unused=True),
-        scheduler=SchedulerConfig(max_batched_tokens=max_batched_tokens, max_running_seqs=12),
-        overlap=overlap,
-    )
-    return Engine(
-        loaded.model,
-        loaded.config,
-        loaded.tokenizer,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        config=config,
+def make_engine(loaded, *, overlap: bool, num_pages: int) -> Engine:
+    return make_tiny_engine(
+        loaded, overlap=overlap, num_pages=num_pages, max_batched_tokens=256, max_running_seqs=12
     )
 
 
