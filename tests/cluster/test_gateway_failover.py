@@ -30,6 +30,7 @@ from mlaserve.cluster.pool import WorkerPool  # noqa: E402
 from mlaserve.cluster.pool_config import PoolConfig  # noqa: E402
 from mlaserve.cluster.server import GatewayServer, ServerConfig  # noqa: E402
 from mlaserve.worker import Engine, SamplingParams  # noqa: E402
+from tests.ray_start import start_local_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -55,7 +56,7 @@ class LoopThread:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

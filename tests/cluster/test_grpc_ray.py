@@ -22,6 +22,7 @@ from mlaserve.cluster.client import DecoderClient, build_request
 from mlaserve.cluster.server import GatewayServer, ServerConfig
 from mlaserve.cluster.service import SERVICE_NAME
 from mlaserve.worker.types import FinishReason, SamplingParams
+from tests.ray_start import start_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -63,7 +64,7 @@ def cluster():
     ray = pytest.importorskip("ray")
     from mlaserve.cluster.pool import PoolConfig, WorkerPool
 
-    ray.init(num_cpus=NUM_WORKERS + 1, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=NUM_WORKERS + 1)
     loop = LoopThread()
     pool = WorkerPool(PoolConfig(model=MODEL, num_workers=NUM_WORKERS, engine_kwargs=ENGINE_KWARGS))
     server = GatewayServer(

@@ -22,6 +22,7 @@ from mlaserve.cluster.pool import READY, WorkerPool  # noqa: E402
 from mlaserve.cluster.pool_config import PoolConfig  # noqa: E402
 from mlaserve.cluster.types import GenerationRequest  # noqa: E402
 from mlaserve.worker import Engine, SamplingParams  # noqa: E402
+from tests.ray_start import start_local_ray  # noqa: E402
 
 from . import faults  # noqa: E402
 
@@ -42,7 +43,7 @@ def loop():
 def pool(loop):
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=4)
     ray.cloudpickle.register_pickle_by_value(faults)  # the workers need not import tests/
     cfg = PoolConfig(
         model="tiny",

@@ -18,6 +18,7 @@ from mlaserve.cluster.pool import WorkerPool  # noqa: E402
 from mlaserve.cluster.pool_config import PoolConfig  # noqa: E402
 from mlaserve.cluster.types import GenerationRequest  # noqa: E402
 from mlaserve.worker import Engine, SamplingParams  # noqa: E402
+from tests.ray_start import start_local_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -35,7 +36,7 @@ def loop():
 def pool(loop):
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=4)
     cfg = PoolConfig(
         model="tiny",
         num_workers=2,
