@@ -12,6 +12,18 @@ constexpr int kChunkCols = 64;      // columns per 128-byte swizzled smem chunk 
 constexpr int kNumChunksQK = kHeadDimQK / kChunkCols;  // 9
 constexpr int kNumChunksV = kHeadDimV / kChunkCols;    // 8
 constexpr int kNumStages = 2;       // pages in flight per CTA (shared memory bound: Q + 2 pages + P)
+// Each stage is filled and released as two chunk groups, each on its own full / empty barrier, so that
+// the half a warpgroup is done with reloads while the other half is still read:
+//   group A = chunks 0..3 (V columns 0..255) + chunk 8 (RoPE), released by consumer warpgroup 0;
+//   group B = chunks 4..7 (V columns 256..511), released by consumer warpgroup 1.
+constexpr int kGroupA = 0, kGroupB = 1, kNumGroups = 2;
+constexpr int kChunksA = 5, kChunksB = 4;
+// L2 prefetch distance of the producer (pages ahead of the one it loads; DecodeParams.prefetch) when the
+// caller leaves it to the kernel: the pair schedule's next second page would otherwise wait for DRAM
+// right after its stage is freed.
+constexpr int kDuoPrefetchPages = 2;
+constexpr int kSoloPrefetchPages = 0;
+constexpr int kMaxPrefetchPages = 8;
 
 // Threads: warpgroups 0 and 1 = consumers (threads 0..255), warpgroup 2 = producer (one warp issues
 // the TMA loads). The register file is split over the SM's 4 sub-partitions, so the entry cap is 168

@@ -12,6 +12,7 @@ namespace mla {
 constexpr int kChunkBytes = kBlockM * kChunkCols * 2;     // 8192
 constexpr int kTileBytesQK = kNumChunksQK * kChunkBytes;  // 73728: Q tile, or one K page
 constexpr int kStageBytes = kTileBytesQK;                 // one page = 64 tokens x 576
+__host__ __device__ constexpr int group_bytes(int g) { return (g == kGroupA ? kChunksA : kChunksB) * kChunkBytes; }
 
 struct SharedStorage {
   // (64 rows, 576) bf16 as 9 swizzled chunks: query rows of the tile
@@ -20,13 +21,14 @@ struct SharedStorage {
   alignas(1024) uint8_t kv[kNumStages][kStageBytes];
   // (64 rows, 64 keys) bf16, one swizzled chunk: softmax probabilities P, A operand of P.V
   alignas(1024) uint8_t p[kChunkBytes];
-  // consumer 0 -> 1: [0][row] the current page's rescale factors ([1] unused since split-S was deleted;
-  // kept so that the layout, and the measured SASS, stay unchanged)
+  // solo: [0][row] the current page's rescale factors (consumer 0 -> 1).
+  // duo: [w][row] the running row max (raw score) after consumer w's page of the current pair.
   float row_max[kNumConsumerWG][kBlockM];
   // consumer 0 -> 1 at a request's end: [0][row] final row sum, [1][row] final row max
   float row_sum[kNumConsumerWG][kBlockM];
-  alignas(8) uint64_t full_bar[kNumStages];
-  alignas(8) uint64_t empty_bar[kNumStages];
+  // [stage][group]: TMA bytes landed / the group's readers are done (see config.h for the groups)
+  alignas(8) uint64_t full_bar[kNumStages][kNumGroups];
+  alignas(8) uint64_t empty_bar[kNumStages][kNumGroups];
 };
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024
 
@@ -51,6 +53,8 @@ struct DecodeParams {
   int rows;   // s_q * group: query rows per KV head
   int num_parts;
   int causal;
+  int prefetch;      // producer's L2 prefetch distance in pages (0: none)
+  int duo_s_after_a; // pair schedule: S of b issued after S of a completes (1) or at once (0)
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
 };
