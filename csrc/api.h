@@ -23,13 +23,6 @@ enum PlanMode : int { kPlanAuto = 0, kPlanEven = 1, kPlanPack = 2 };
 void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, int mode, int* metadata,
                          int* num_splits, cudaStream_t stream);
 
-// Consumer schedules of the main kernel (mla_kernel.cuh). kConsumerAuto: the measured best, solo (launch.cu).
-enum ConsumerMode : int { kConsumerAuto = 0, kConsumerSolo = 1, kConsumerDuo = 2 };
-
-// CTA clusters of the duo schedule: kClusterAuto pairs m-blocks (shared, multicast page loads) where it
-// can; kClusterNone never does.
-enum ClusterMode : int { kClusterAuto = 0, kClusterNone = 1 };
-
 struct DecodeArgs {
   const void* q;  // [b, s_q, h_q, 576] bf16
   int64_t q_stride_b, q_stride_s, q_stride_h;
@@ -51,10 +44,6 @@ struct DecodeArgs {
   float scale;
   bool causal;
   bool pdl;  // launch the combine kernel as a programmatic dependent of the main kernel
-  int consumer;  // ConsumerMode
-  int prefetch;  // L2 prefetch distance in pages, 0..kMaxPrefetchPages; -1: the schedule's default
-  int cluster;   // ClusterMode
-  bool duo_s_after_a;  // pair schedule: WG1's S waits for WG0's (duo.cuh)
 };
 
 void launch_mla_decode(const DecodeArgs& args, cudaStream_t stream);

@@ -18,12 +18,6 @@ constexpr int kNumStages = 2;       // pages in flight per CTA (shared memory bo
 //   group B = chunks 4..7 (V columns 256..511), released by consumer warpgroup 1.
 constexpr int kGroupA = 0, kGroupB = 1, kNumGroups = 2;
 constexpr int kChunksA = 5, kChunksB = 4;
-// L2 prefetch distance of the producer (pages ahead of the one it loads; DecodeParams.prefetch) when the
-// caller leaves it to the kernel: the pair schedule's next second page would otherwise wait for DRAM
-// right after its stage is freed.
-constexpr int kDuoPrefetchPages = 2;
-constexpr int kSoloPrefetchPages = 0;
-constexpr int kMaxPrefetchPages = 8;
 
 // Threads: warpgroups 0 and 1 = consumers (threads 0..255), warpgroup 2 = producer (one warp issues
 // the TMA loads). The register file is split over the SM's 4 sub-partitions, so the entry cap is 168

@@ -1,5 +1,5 @@
-// What both consumer schedules share: the per-thread context, causal key limits, and a request piece's
-// begin (Q tile) and end (normalize, write output or partials).
+// The consumer schedule's frame around its page loop: the per-thread context, causal key limits, and a
+// request piece's begin (Q tile) and end (normalize, write output or partials).
 #pragma once
 #include <cstdint>
 

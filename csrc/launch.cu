@@ -61,7 +61,6 @@ CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
   return map;
 }
 
-template <int kSchedule, int kCluster>
 void ensure_smem_attribute() {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -69,70 +68,18 @@ void ensure_smem_attribute() {
   static bool done[64] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev]) {
-    check_cuda(cudaFuncSetAttribute(mla_decode_kernel<kSchedule, kCluster>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+    check_cuda(cudaFuncSetAttribute(mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kSmemBytes),
                "cudaFuncSetAttribute(mla_decode_kernel, max dynamic smem)");
     if (dev >= 0 && dev < 64) done[dev] = true;
   }
 }
 
-template <int kSchedule, int kCluster>
-cudaLaunchConfig_t launch_config(dim3 grid, cudaStream_t stream, cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.stream = stream;
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = kCluster;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
-// Whether every CTA of `grid` is resident at once in clusters of kCluster (1 CTA per SM: a GPC with an odd
-// number of free SMs leaves one idle, and a grid that does not fit would run a second wave).
-template <int kCluster>
-bool clusters_fit(dim3 grid) {
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  static std::mutex mu;
-  static int max_clusters[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (dev < 0 || dev >= 64) return false;
-  if (max_clusters[dev] == 0) {
-    ensure_smem_attribute<kDuo, kCluster>();
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = launch_config<kDuo, kCluster>(grid, nullptr, &attr);
-    int n = 0;
-    check_cuda(cudaOccupancyMaxActiveClusters(&n, mla_decode_kernel<kDuo, kCluster>, &cfg),
-               "cudaOccupancyMaxActiveClusters");
-    max_clusters[dev] = n > 0 ? n : -1;
-  }
-  return static_cast<long>(max_clusters[dev]) * kCluster >= static_cast<long>(grid.x) * grid.y * grid.z;
-}
-
-template <int kSchedule, int kCluster>
 void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  ensure_smem_attribute<kSchedule, kCluster>();
-  if constexpr (kCluster == 1) {
-    mla_decode_kernel<kSchedule, 1><<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
-    check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
-  } else {
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = launch_config<kSchedule, kCluster>(grid, stream, &attr);
-    check_cuda(cudaLaunchKernelEx(&cfg, mla_decode_kernel<kSchedule, kCluster>, tmap, p),
-               "mla_decode_kernel launch (cluster)");
-  }
+  ensure_smem_attribute();
+  mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+  check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
 }
-
-// The consumer schedule of a call: solo unless kConsumerDuo asks for the pair schedule. (Measured side by
-// side on the H200, 2026-12-02: duo is within +-5% of solo on the compute-bound rows, 0.99x on their
-// geomean, and slower on the serving shapes; csrc/NOTES.md. It stays selectable as the base of the next
-// compute-bound schedule.)
-int pick_schedule(int consumer, int /*rows*/) { return consumer == kConsumerDuo ? kDuo : kSolo; }
 
 }  // namespace
 
@@ -170,7 +117,6 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   p.rows = rows;
   p.num_parts = a.num_parts;
   p.causal = a.causal ? 1 : 0;
-  p.duo_s_after_a = a.duo_s_after_a ? 1 : 0;
   p.scale = a.scale;
   p.scale_log2 = a.scale * static_cast<float>(M_LOG2E);
 
@@ -178,17 +124,7 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.b > 0 && a.num_parts > 0 && a.num_pages > 0) {
     const CUtensorMap tmap = make_kv_tensor_map(a);
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
-    const int schedule = pick_schedule(a.consumer, rows);
-    p.prefetch = a.prefetch >= 0 ? a.prefetch : (schedule == kDuo ? kDuoPrefetchPages : kSoloPrefetchPages);
-    // duo in CTA pairs sharing the page loads where the m-blocks pair up and the pairs fit at once
-    const bool pair = schedule == kDuo && a.cluster != kClusterNone && grid.x % 2 == 0 && clusters_fit<2>(grid);
-    if (pair) {
-      launch_main<kDuo, 2>(tmap, p, grid, stream);
-    } else if (schedule == kDuo) {
-      launch_main<kDuo, 1>(tmap, p, grid, stream);
-    } else {
-      launch_main<kSolo, 1>(tmap, p, grid, stream);
-    }
+    launch_main(tmap, p, grid, stream);
     main_launched = true;
   }
 

@@ -5,8 +5,6 @@
 
 #include <cstdint>
 
-#include <cute/arch/cluster_sm90.hpp>
-
 #include "config.h"
 #include "primitives.cuh"
 #include "tile_scheduler.h"
@@ -23,8 +21,7 @@ __device__ __forceinline__ bool part_pages(const PartInfo& part, int req, int le
 }
 
 // Stage of the k-th page of a request piece, and the ring's per-stage fill parity. Every piece starts at
-// stage 0 (the pair schedule keeps page a of each pair in stage 0 and page b in stage 1); producer and
-// consumers walk the same pages, so their parities agree.
+// stage 0; producer and consumers walk the same pages, so their parities agree.
 __device__ __forceinline__ int piece_stage(int pg, int lo) { return (pg - lo) & 1; }
 __device__ __forceinline__ uint32_t stage_parity(uint32_t parities, int stage) { return (parities >> stage) & 1; }
 
@@ -35,18 +32,10 @@ __device__ __forceinline__ constexpr int group_chunk(int g, int i) {
 __device__ __forceinline__ constexpr int group_chunks(int g) { return g == kGroupA ? kChunksA : kChunksB; }
 
 // Producer warp: streams this part's pages, in order, into the stage ring, each page as its two chunk
-// groups (group A once warpgroup 0 released it, then group B once warpgroup 1 did; with kBFirstInStage1,
-// stage 1 takes group B first: the pair schedule's WG1 releases it first and computes S on it first).
-// One lane issues. With kCluster > 1 the cluster's CTAs (m-blocks of the same part, so the same pages)
-// share the loads: each issues every kCluster-th chunk of a group, multicast into all of them, after
-// its empty barrier counted the releases of every CTA's consumers; each CTA's full barrier expects the
-// whole group.
-template <bool kBFirstInStage1, int kCluster>
+// groups (group A once warpgroup 0 released it, then group B once warpgroup 1 did). One lane issues.
 __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const DecodeParams& p, const PartInfo& part,
                                               SharedStorage& s, int head_kv) {
   const int lane = threadIdx.x & 31;
-  const int rank = kCluster > 1 ? static_cast<int>(cute::block_rank_in_cluster()) : 0;
-  constexpr uint16_t kAllCtas = static_cast<uint16_t>((1u << kCluster) - 1);
   uint32_t parities = 0;
   for (int req = part.first_req; req <= part.last_req; ++req) {
     int lo, hi;
@@ -54,20 +43,14 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
     const int* bt = p.block_table + static_cast<int64_t>(req) * p.bt_stride_b;
     for (int base = lo; base < hi; base += 32) {
       const int mine = base + lane < hi ? __ldg(bt + base + lane) : 0;
-      // with p.prefetch > 0: the page p.prefetch places further on, prefetched into L2 (TMA prefetch) as
-      // this one is loaded, so that its own load later finds it there
-      const int ahead_idx = base + lane + p.prefetch;
-      const int ahead = p.prefetch > 0 && ahead_idx < hi ? __ldg(bt + ahead_idx) : -1;
       const int cnt = min(32, hi - base);
       for (int j = 0; j < cnt; ++j) {
         const int page = __shfl_sync(0xffffffffu, mine, j);
         const int stage = piece_stage(base + j, lo);
-        const int prefetch_page = __shfl_sync(0xffffffffu, ahead, j);
         if (lane == 0) {
           const uint32_t parity = stage_parity(parities, stage) ^ 1;
 #pragma unroll
-          for (int gi = 0; gi < kNumGroups; ++gi) {
-            const int g = kBFirstInStage1 && stage == 1 ? kNumGroups - 1 - gi : gi;
+          for (int g = 0; g < kNumGroups; ++g) {
             wait_barrier(&s.empty_bar[stage][g], parity);
             FullBarrier::arrive_and_expect_tx(&s.full_bar[stage][g], group_bytes(g));
 #pragma unroll
@@ -75,22 +58,8 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
               const int c = group_chunk(g, i);
               constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
               // box (64 cols, 64 tokens, 1 head, 1 page) at (64c, 0, head_kv, page)
-              if constexpr (kCluster == 1) {
-                cute::SM90_TMA_LOAD_4D::copy(tmap, &s.full_bar[stage][g], kHint, s.kv[stage] + c * kChunkBytes,
-                                             c * kChunkCols, 0, head_kv, page);
-              } else if (i % kCluster == rank) {
-                cute::SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, &s.full_bar[stage][g], kAllCtas, kHint,
-                                                       s.kv[stage] + c * kChunkBytes, c * kChunkCols, 0, head_kv,
-                                                       page);
-              }
-            }
-          }
-          if (prefetch_page >= 0) {
-#pragma unroll
-            for (int c = 0; c < kNumChunksQK; ++c) {
-              if (c % kCluster == rank) {
-                cute::SM90_TMA_LOAD_4D::PREFETCH::copy(tmap, c * kChunkCols, 0, head_kv, prefetch_page);
-              }
+              cute::SM90_TMA_LOAD_4D::copy(tmap, &s.full_bar[stage][g], kHint, s.kv[stage] + c * kChunkBytes,
+                                           c * kChunkCols, 0, head_kv, page);
             }
           }
         }
@@ -168,14 +137,12 @@ __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], SharedStorage& 
   qk_group_issue(sacc, s, stage, kGroupB, parity, false);
 }
 
-// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from `p_tile` (one
-// swizzled 64 x 64 chunk: s.p, or a stage's RoPE chunk in the pair schedule). Issues and commits one
-// wgmma group; the caller waits.
-__device__ __forceinline__ void pv_half_issue(float (&o)[128], const uint8_t* p_tile, const SharedStorage& s,
-                                              int stage, int w) {
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from s.p (one
+// swizzled 64 x 64 chunk). Issues one wgmma group and waits for it.
+__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
   using namespace cute;
   const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(p_tile, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+      local_tile(smem_tensor(s.p, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
   // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
   const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
       local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
@@ -186,60 +153,21 @@ __device__ __forceinline__ void pv_half_issue(float (&o)[128], const uint8_t* p_
     gmma<MmaPV>(o, dp[qk_step(k)], dv[vt_step(k)]);
   }
   warpgroup_commit_batch();
-}
-
-// The same with P (bf16, packed by pack_p) in registers: wgmma RS.
-__device__ __forceinline__ void pv_half_issue_rs(float (&o)[128], uint32_t (&pa)[16], const SharedStorage& s,
-                                                 int stage, int w) {
-  using namespace cute;
-  const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
-      local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
-  fence_regs(pa);
+  warpgroup_wait<0>();
   fence_regs(o);
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < kBlockN / 16; ++k) {
-    gmma_rs<MmaPVRS>(o, pa[4 * k], pa[4 * k + 1], pa[4 * k + 2], pa[4 * k + 3], dv[vt_step(k)]);
-  }
-  warpgroup_commit_batch();
-}
-
-// Issues the P V half from s.p and waits for it (the solo schedule).
-__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
-  pv_half_issue(o, s.p, s, stage, w);
-  cute::warpgroup_wait<0>();
-  fence_regs(o);
-}
-
-// bf16 A fragment of P for wgmma RS: register i = (p[2i], p[2i+1]); k-step k uses registers 4k..4k+3
-// (the m64n64 accumulator layout of S is the A layout of four m64k16 steps).
-__device__ __forceinline__ void pack_p(const float (&p)[32], uint32_t (&pa)[16]) {
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(p[2 * i], p[2 * i + 1]);
-    pa[i] = *reinterpret_cast<const uint32_t*>(&v);
-  }
 }
 
 // Writes this thread's probabilities (bf16) into the P tile `p_tile` (one swizzled 64 x 64 chunk): rows
 // a/b, columns col0 + 8j + 2(lane%4) + e. Addresses = &sP(row, col) of smem_tensor(p_tile, SmemLayoutP{}),
 // by hand for the reason in load_q_tile.
-// Rows a / b are multiplied by f_a / f_b on the way when kScaled.
-template <int N, bool kScaled = false>
-__device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], int col0, int row_a, int lane,
-                                        float f_a = 1.f, float f_b = 1.f) {
+template <int N>
+__device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], int col0, int row_a, int lane) {
   const int row_b = row_a + 8;
 #pragma unroll
   for (int j = 0; j < N / 4; ++j) {
     const int unit = col0 / 8 + j;
-    __nv_bfloat162 va, vb;
-    if constexpr (kScaled) {
-      va = __floats2bfloat162_rn(pr[4 * j + 0] * f_a, pr[4 * j + 1] * f_a);
-      vb = __floats2bfloat162_rn(pr[4 * j + 2] * f_b, pr[4 * j + 3] * f_b);
-    } else {
-      va = __floats2bfloat162_rn(pr[4 * j + 0], pr[4 * j + 1]);
-      vb = __floats2bfloat162_rn(pr[4 * j + 2], pr[4 * j + 3]);
-    }
+    __nv_bfloat162 va = __floats2bfloat162_rn(pr[4 * j + 0], pr[4 * j + 1]);
+    __nv_bfloat162 vb = __floats2bfloat162_rn(pr[4 * j + 2], pr[4 * j + 3]);
     *reinterpret_cast<__nv_bfloat162*>(p_tile + row_a * 128 + ((unit ^ (row_a & 7)) << 4) + 4 * (lane & 3)) = va;
     *reinterpret_cast<__nv_bfloat162*>(p_tile + row_b * 128 + ((unit ^ (row_b & 7)) << 4) + 4 * (lane & 3)) = vb;
   }

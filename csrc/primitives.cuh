@@ -116,26 +116,12 @@ __device__ __forceinline__ void gmma(float (&d)[N], uint64_t da, uint64_t db,
   gmma_unpack<Op>(d, da, db, scale, std::make_index_sequence<N>{});
 }
 
-// D += A . B with a CuTe RS atom: A = four bf16x2 registers (one m64k16 step), B from shared memory.
-template <class Op, int N, std::size_t... I>
-__device__ __forceinline__ void gmma_rs_unpack(float (&d)[N], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                               uint64_t db, std::index_sequence<I...>) {
-  Op::fma(a0, a1, a2, a3, db, d[I]..., GMMA::ScaleOut::One);
-}
-template <class Op, int N>
-__device__ __forceinline__ void gmma_rs(float (&d)[N], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint64_t db) {
-  static_assert(sizeof(typename Op::CRegisters) == N * sizeof(float), "accumulator size must match the atom");
-  gmma_rs_unpack<Op>(d, a0, a1, a2, a3, db, std::make_index_sequence<N>{});
-}
-
 using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S = Q K^T
 using MmaPV = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;     // O half += P.V
-using MmaPVRS = GMMA::MMA_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;   // the same, P in registers
 
 // Keeps the compiler from moving accumulator reads/writes across wgmma issue / wait.
-template <class T, int N>
-__device__ __forceinline__ void fence_regs(T (&r)[N]) {
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
@@ -157,10 +143,6 @@ enum NamedBarrierId : uint32_t {
   kBarMax = 1,    // both consumer WGs: a request's final row sums and maxima exchanged
   kBarP = 2,      // both consumer WGs: P tile (and rescale factors) written
   kBarPFree = 3,  // consumer 1 done reading P (consumer 0 may overwrite it)
-  // the pair schedule (duo): arrived by one consumer WG, waited for by the other
-  kBarPA = 4,     // WG0 -> WG1: row max after page a (s.row_max[0]) and P_a in s.p
-  kBarPB = 5,     // WG1 -> WG0: row max after page b (s.row_max[1]) and P_b in page b's RoPE chunk
-  kBarSA = 6,     // WG0 -> WG1: S of the next a done (DecodeParams.duo_s_after_a)
 };
 constexpr int kConsumerThreads = kNumConsumerWG * 128;
 __device__ __forceinline__ void consumer_sync(NamedBarrierId id) {

@@ -87,18 +87,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, floa
   st.m[1] = m_new_b;
 }
 
-// Moves the running state to a larger row max (raw scores; the pair schedule's second warpgroup does this
-// with the max the other one reached): returns the factors by which everything accumulated so far scales.
-__device__ __forceinline__ void advance_max(RowState& st, float new_a, float new_b, float scale_log2, float& f_a,
-                                            float& f_b) {
-  f_a = exp2f(st.m[0] * scale_log2 - (new_a == -INFINITY ? 0.f : new_a * scale_log2));
-  f_b = exp2f(st.m[1] * scale_log2 - (new_b == -INFINITY ? 0.f : new_b * scale_log2));
-  st.l[0] *= f_a;
-  st.l[1] *= f_b;
-  st.m[0] = new_a;
-  st.m[1] = new_b;
-}
-
 template <int N>
 __device__ __forceinline__ void rescale_rows(float (&o)[N], float alpha_a, float alpha_b) {
 #pragma unroll

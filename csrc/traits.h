@@ -21,8 +21,7 @@ struct SharedStorage {
   alignas(1024) uint8_t kv[kNumStages][kStageBytes];
   // (64 rows, 64 keys) bf16, one swizzled chunk: softmax probabilities P, A operand of P.V
   alignas(1024) uint8_t p[kChunkBytes];
-  // solo: [0][row] the current page's rescale factors (consumer 0 -> 1).
-  // duo: [w][row] the running row max (raw score) after consumer w's page of the current pair.
+  // consumer 0 -> 1: [0][row] the current page's rescale factors ([1] unused since split-S was deleted)
   float row_max[kNumConsumerWG][kBlockM];
   // consumer 0 -> 1 at a request's end: [0][row] final row sum, [1][row] final row max
   float row_sum[kNumConsumerWG][kBlockM];
@@ -53,8 +52,6 @@ struct DecodeParams {
   int rows;   // s_q * group: query rows per KV head
   int num_parts;
   int causal;
-  int prefetch;      // producer's L2 prefetch distance in pages (0: none)
-  int duo_s_after_a; // pair schedule: S of b issued after S of a completes (1) or at once (0)
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e)
 };

@@ -37,29 +37,10 @@ METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
-# consumer schedules of the main kernel (csrc/mla_kernel.cuh); MLASERVE_MLA_CONSUMER picks one
-_CONSUMERS = {"auto": 0, "solo": 1, "duo": 2}
-# the producer's L2 prefetch distance in pages; MLASERVE_MLA_PREFETCH picks one (auto: the schedule's own)
-_PREFETCH = {"auto": -1, "0": 0, "1": 1, "2": 2, "4": 4}
-# CTA pairs sharing page loads (duo schedule); MLASERVE_MLA_CLUSTER=off forbids them
-_CLUSTER = {"auto": 0, "off": 1}
-# duo: when WG1 issues its S (after WG0's, or at once); MLASERVE_MLA_DUO_S picks
-_DUO_S = {"auto": 1, "after_a": 1, "free": 0}
 # The environment knobs read here (for measuring variants; each defaults to the best measured):
 #   MLASERVE_MLA_SCHED=auto|even|pack  split plan, read by get_mla_metadata
 #   MLASERVE_MLA_PDL=1|0               combine launched as a programmatic dependent of the main kernel
-#   MLASERVE_MLA_CONSUMER=auto|solo|duo  consumer schedule (auto: solo, the measured best; duo: pair schedule)
-#   MLASERVE_MLA_PREFETCH=auto|0|1|2|4   pages the producer prefetches into L2 ahead of its loads
-#   MLASERVE_MLA_CLUSTER=auto|off        duo m-blocks in CTA pairs sharing each page's loads (multicast)
-#   MLASERVE_MLA_DUO_S=auto|after_a|free duo: WG1's S after WG0's (auto) or at once
-KNOBS = (
-    "MLASERVE_MLA_SCHED",
-    "MLASERVE_MLA_PDL",
-    "MLASERVE_MLA_CONSUMER",
-    "MLASERVE_MLA_PREFETCH",
-    "MLASERVE_MLA_CLUSTER",
-    "MLASERVE_MLA_DUO_S",
-)
+KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL")
 
 
 def _env_choice(name: str, choices: dict[str, int], default: str) -> int:
@@ -281,10 +262,6 @@ def flash_mla_with_kvcache(
         scale,
         bool(causal),
         os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
-        _env_choice("MLASERVE_MLA_CONSUMER", _CONSUMERS, "auto"),
-        _env_choice("MLASERVE_MLA_PREFETCH", _PREFETCH, "auto"),
-        _env_choice("MLASERVE_MLA_CLUSTER", _CLUSTER, "auto"),
-        bool(_env_choice("MLASERVE_MLA_DUO_S", _DUO_S, "auto")),
         stream,
     )
     return out, lse
