@@ -20,23 +20,19 @@ __device__ __forceinline__ bool part_pages(const PartInfo& part, int req, int le
   return lo < hi;
 }
 
-// Stage of the k-th page of a request piece, and the ring's per-stage fill parity. Every piece starts at
-// stage 0; producer and consumers walk the same pages, so their parities agree.
-__device__ __forceinline__ int piece_stage(int pg, int lo) { return (pg - lo) & 1; }
-__device__ __forceinline__ uint32_t stage_parity(uint32_t parities, int stage) { return (parities >> stage) & 1; }
-
 // Chunk c of group g (config.h): A = 0, 1, 2, 3, 8; B = 4, 5, 6, 7.
 __device__ __forceinline__ constexpr int group_chunk(int g, int i) {
   return g == kGroupA ? (i < 4 ? i : kNumChunksQK - 1) : 4 + i;
 }
 __device__ __forceinline__ constexpr int group_chunks(int g) { return g == kGroupA ? kChunksA : kChunksB; }
+__device__ __forceinline__ constexpr int group_bytes(int g) { return group_chunks(g) * kChunkBytes; }
 
 // Producer warp: streams this part's pages, in order, into the stage ring, each page as its two chunk
 // groups (group A once warpgroup 0 released it, then group B once warpgroup 1 did). One lane issues.
 __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const DecodeParams& p, const PartInfo& part,
                                               SharedStorage& s, int head_kv) {
   const int lane = threadIdx.x & 31;
-  uint32_t parities = 0;
+  int it = 0;
   for (int req = part.first_req; req <= part.last_req; ++req) {
     int lo, hi;
     if (!part_pages(part, req, p.seqlens[req], lo, hi)) continue;
@@ -44,11 +40,11 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
     for (int base = lo; base < hi; base += 32) {
       const int mine = base + lane < hi ? __ldg(bt + base + lane) : 0;
       const int cnt = min(32, hi - base);
-      for (int j = 0; j < cnt; ++j) {
+      for (int j = 0; j < cnt; ++j, ++it) {
         const int page = __shfl_sync(0xffffffffu, mine, j);
-        const int stage = piece_stage(base + j, lo);
         if (lane == 0) {
-          const uint32_t parity = stage_parity(parities, stage) ^ 1;
+          const int stage = it % kNumStages;
+          const uint32_t parity = ((it / kNumStages) & 1) ^ 1;
 #pragma unroll
           for (int g = 0; g < kNumGroups; ++g) {
             wait_barrier(&s.empty_bar[stage][g], parity);
@@ -63,7 +59,6 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
             }
           }
         }
-        parities ^= 1u << stage;
         __syncwarp();
       }
     }
@@ -108,8 +103,7 @@ __device__ __forceinline__ uint32_t vt_step(int k) {
 }
 
 // S(64 x 64) += Q(64 x 576)[:, chunks of group g] . K^T[chunks of group g, :] (first = overwrite S):
-// waits for the group's TMA bytes, issues its wgmmas and commits them as one group. S = both groups, in
-// either order; the caller waits (warpgroup_wait) and then fence_regs(sacc).
+// waits for the group's TMA bytes, issues its wgmmas and commits them as one group.
 __device__ __forceinline__ void qk_group_issue(float (&sacc)[32], SharedStorage& s, int stage, int g,
                                                uint32_t parity, bool first) {
   using namespace cute;
@@ -131,7 +125,8 @@ __device__ __forceinline__ void qk_group_issue(float (&sacc)[32], SharedStorage&
   warpgroup_commit_batch();
 }
 
-// S = Q K^T for the whole page: group A, then group B.
+// S = Q K^T for the whole page: group A, then group B (the caller waits with warpgroup_wait and then
+// fence_regs(sacc)).
 __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], SharedStorage& s, int stage, uint32_t parity) {
   qk_group_issue(sacc, s, stage, kGroupA, parity, true);
   qk_group_issue(sacc, s, stage, kGroupB, parity, false);

@@ -1,4 +1,4 @@
-// The "solo S" consumer schedule (memory-bound tiles): consumer 0 computes the whole S = Q K^T of a page
+// The "solo S" consumer schedule: consumer 0 computes the whole S = Q K^T of a page
 // (wgmma m64n64k16), runs the softmax and writes P and the row rescale factors; consumer 1 only does its
 // half of P V, which overlaps consumer 0's next S on the tensor cores.
 #pragma once
@@ -24,7 +24,6 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
   if (c.w == 1) consumer_arrive(kBarPFree);  // P starts free
 
   int it = 0;
-  uint32_t parities = 0;  // bit s: fill parity of stage s
   for (int req = part.first_req; req <= part.last_req; ++req) {
     const int len = p.seqlens[req];
     int lo, hi;
@@ -37,9 +36,8 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
       const KeyLimits lim = key_limits(p, c, len);
       RowState st = empty_row_state();
       for (int pg = lo; pg < hi; ++pg, ++it) {
-        const int stage = piece_stage(pg, lo);
-        qk_full_issue(sacc, s, stage, stage_parity(parities, stage));
-        parities ^= 1u << stage;
+        const int stage = it % kNumStages;
+        qk_full_issue(sacc, s, stage, (it / kNumStages) & 1);
         cute::warpgroup_wait<0>();
         fence_regs(sacc);
         if (pg * kPageSize + kPageSize > lim.min) {
@@ -77,9 +75,8 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
       consumer_sync(kBarMax);
     } else {
       for (int pg = lo; pg < hi; ++pg, ++it) {
-        const int stage = piece_stage(pg, lo);
-        wait_barrier(&s.full_bar[stage][kGroupB], stage_parity(parities, stage));  // this WG's V half
-        parities ^= 1u << stage;
+        const int stage = it % kNumStages;
+        wait_barrier(&s.full_bar[stage][kGroupB], (it / kNumStages) & 1);  // this WG's V half
         if (pg * kPageSize + kPageSize > len) {
           zero_v_tail(s, stage, 1, len - pg * kPageSize, c.t);
           cutlass::arch::fence_view_async_shared();

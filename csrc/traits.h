@@ -12,7 +12,6 @@ namespace mla {
 constexpr int kChunkBytes = kBlockM * kChunkCols * 2;     // 8192
 constexpr int kTileBytesQK = kNumChunksQK * kChunkBytes;  // 73728: Q tile, or one K page
 constexpr int kStageBytes = kTileBytesQK;                 // one page = 64 tokens x 576
-__host__ __device__ constexpr int group_bytes(int g) { return (g == kGroupA ? kChunksA : kChunksB) * kChunkBytes; }
 
 struct SharedStorage {
   // (64 rows, 576) bf16 as 9 swizzled chunks: query rows of the tile
