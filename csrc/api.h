@@ -23,6 +23,9 @@ enum PlanMode : int { kPlanAuto = 0, kPlanEven = 1, kPlanPack = 2 };
 void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cost, int mode, int* metadata,
                          int* num_splits, cudaStream_t stream);
 
+// Consumer schedules of the main kernel (mla_kernel.cuh): kSchedAuto picks the measured best (launch.cu).
+enum Schedule : int { kSchedAuto = 0, kSchedSolo = 1, kSchedTrio = 2 };
+
 struct DecodeArgs {
   const void* q;  // [b, s_q, h_q, 576] bf16
   int64_t q_stride_b, q_stride_s, q_stride_h;
@@ -44,6 +47,7 @@ struct DecodeArgs {
   float scale;
   bool causal;
   bool pdl;  // launch the combine kernel as a programmatic dependent of the main kernel
+  int schedule;  // Schedule
 };
 
 void launch_mla_decode(const DecodeArgs& args, cudaStream_t stream);

@@ -28,7 +28,7 @@ void mla_decode(int device, uintptr_t q, int64_t q_stride_b, int64_t q_stride_s,
                 int64_t num_pages, uintptr_t block_table, int64_t bt_stride_b, uintptr_t seqlens,
                 uintptr_t tile_metadata, uintptr_t num_splits, int num_parts, uintptr_t out, int64_t o_stride_b,
                 int64_t o_stride_s, int64_t o_stride_h, uintptr_t lse, uintptr_t o_accum, uintptr_t lse_accum, int b,
-                int s_q, int h_q, int h_kv, float scale, bool causal, bool pdl, uintptr_t stream) {
+                int s_q, int h_q, int h_kv, float scale, bool causal, bool pdl, int schedule, uintptr_t stream) {
   set_device(device);
   mla::DecodeArgs a;
   a.q = reinterpret_cast<const void*>(q);
@@ -60,6 +60,11 @@ void mla_decode(int device, uintptr_t q, int64_t q_stride_b, int64_t q_stride_s,
   a.scale = scale;
   a.causal = causal;
   a.pdl = pdl;
+  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
+    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
+                                std::to_string(schedule));
+  }
+  a.schedule = schedule;
   mla::launch_mla_decode(a, as_stream(stream));
 }
 
@@ -84,6 +89,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_table"), py::arg("bt_stride_b"), py::arg("seqlens"), py::arg("tile_metadata"),
         py::arg("num_splits"), py::arg("num_parts"), py::arg("out"), py::arg("o_stride_b"), py::arg("o_stride_s"),
         py::arg("o_stride_h"), py::arg("lse"), py::arg("o_accum"), py::arg("lse_accum"), py::arg("b"),
-        py::arg("s_q"), py::arg("h_q"), py::arg("h_kv"), py::arg("scale"), py::arg("causal"), py::arg("pdl"), py::arg("stream"));
+        py::arg("s_q"), py::arg("h_q"), py::arg("h_kv"), py::arg("scale"), py::arg("causal"), py::arg("pdl"),
+        py::arg("schedule"), py::arg("stream"));
   m.def("num_sms", &num_sms, "multiprocessor count of a device", py::arg("device"));
 }

@@ -12,9 +12,24 @@
 
 namespace mla {
 
+// w: the output half (256 columns) this warpgroup owns; ct: thread index over both halves (solo's Q load);
+// t: index in the warpgroup; row_a / row_a + 8: this thread's accumulator rows (rg_*: within the KV head).
 struct ConsumerCtx {
   int w, ct, t, lane, row_a, rg_a, rg_b, m_block, head_kv;
 };
+__device__ __forceinline__ ConsumerCtx consumer_ctx(int w, int m_block, int head_kv) {
+  ConsumerCtx c;
+  c.w = w;
+  c.ct = threadIdx.x;
+  c.t = threadIdx.x & 127;
+  c.lane = threadIdx.x & 31;
+  c.row_a = (c.t >> 5) * 16 + (c.lane >> 2);
+  c.rg_a = m_block * kBlockM + c.row_a;
+  c.rg_b = c.rg_a + 8;
+  c.m_block = m_block;
+  c.head_kv = head_kv;
+  return c;
+}
 
 // Keys visible to this thread's two rows: [0, a) and [0, b); pages past `min` need no mask.
 struct KeyLimits {
@@ -33,7 +48,7 @@ __device__ __forceinline__ KeyLimits key_limits(const DecodeParams& p, const Con
 __device__ __forceinline__ void begin_request(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
                                               int req, float (&o)[128]) {
   consumer_sync(kBarQ);  // the previous request's S = Q K^T are done
-  load_q_tile(p, s, req, c.m_block, c.head_kv, c.ct);
+  load_q_chunks<0, kNumChunksQK, kConsumerThreads>(p, s.q, req, c.m_block, c.head_kv, c.ct);
   cute::cp_async_wait<0>();
   cutlass::arch::fence_view_async_shared();
   consumer_sync(kBarQ);

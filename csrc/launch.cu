@@ -61,24 +61,37 @@ CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
   return map;
 }
 
-void ensure_smem_attribute() {
+using MainKernel = void (*)(CUtensorMap, DecodeParams);
+
+// The dynamic shared-memory opt-in, once per (device, kernel).
+void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   static std::mutex mu;
-  static bool done[64] = {};
+  static bool done[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
-  if (dev < 0 || dev >= 64 || !done[dev]) {
-    check_cuda(cudaFuncSetAttribute(mla_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kSmemBytes),
-               "cudaFuncSetAttribute(mla_decode_kernel, max dynamic smem)");
-    if (dev >= 0 && dev < 64) done[dev] = true;
+  if (dev < 0 || dev >= 64 || !done[dev][which]) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+               "cudaFuncSetAttribute(main kernel, max dynamic smem)");
+    if (dev >= 0 && dev < 64) done[dev][which] = true;
   }
 }
 
-void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  ensure_smem_attribute();
-  mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
-  check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
+// Auto is solo on every shape: trio measured within the bench's +-5% of solo on the compute-bound rows and
+// 2% more cycles under ncu at 1/128/8k, and 3-7% slower on the memory-bound rows (csrc/NOTES.md,
+// session 5); it stays selectable (MLASERVE_MLA_CONSUMER=trio) while its RoPE-slot stall is worked on.
+bool use_trio(int schedule) { return schedule == kSchedTrio; }
+
+void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, bool trio, cudaStream_t stream) {
+  if (trio) {
+    ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
+    mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
+    check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
+  } else {
+    ensure_smem_attribute(mla_decode_kernel, kSmemBytes, 0);
+    mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+    check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
+  }
 }
 
 }  // namespace
@@ -124,7 +137,7 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.b > 0 && a.num_parts > 0 && a.num_pages > 0) {
     const CUtensorMap tmap = make_kv_tensor_map(a);
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
-    launch_main(tmap, p, grid, stream);
+    launch_main(tmap, p, grid, use_trio(a.schedule), stream);
     main_launched = true;
   }
 

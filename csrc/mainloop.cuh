@@ -65,31 +65,33 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
   }
 }
 
-// Both consumer warpgroups (256 threads, ct = 0..255) copy the 64 query rows of (req, m_block,
-// head_kv) into s.q, swizzled, with cp.async (no staging registers); rows past the last query row are
-// zero-filled. The caller waits (cp_async_wait), fences to the async proxy and syncs.
-__device__ __forceinline__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int req, int m_block,
-                                            int head_kv, int ct) {
-  constexpr int kUnitsPerRow = kHeadDimQK / 8;  // 72 units of 16 bytes
+// kThreadsQ threads (t = 0..kThreadsQ-1) copy chunks [kFirst, kFirst + kChunks) of the 64 query rows of
+// (req, m_block, head_kv) into `dst` (kChunks swizzled chunks), with cp.async (no staging registers); rows
+// past the last query row are zero-filled. The caller waits (cp_async_wait), fences to the async proxy
+// and syncs. Solo: the whole tile (chunks 0..8, both consumers); trio: the RoPE chunk (its scorer).
+template <int kFirst, int kChunks, int kThreadsQ>
+__device__ __forceinline__ void load_q_chunks(const DecodeParams& p, uint8_t* dst, int req, int m_block, int head_kv,
+                                              int t) {
+  constexpr int kUnitsPerRow = kChunks * kChunkCols / 8;  // units of 16 bytes
   constexpr int kUnits = kBlockM * kUnitsPerRow;
-  constexpr int kPerThread = kUnits / (kNumConsumerWG * 128);  // 18
-  static_assert(kUnits % (kNumConsumerWG * 128) == 0, "Q tile must split evenly");
+  constexpr int kPerThread = kUnits / kThreadsQ;
+  static_assert(kUnits % kThreadsQ == 0, "Q chunks must split evenly");
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
-    const int idx = ct + k * kNumConsumerWG * 128;
+    const int idx = t + k * kThreadsQ;
     const int r = idx / kUnitsPerRow, u = idx % kUnitsPerRow;
     const int rg = m_block * kBlockM + r;
     const bool valid = rg < p.rows;
     const int sq = valid ? rg / p.group : 0, g = valid ? rg % p.group : 0;
     const uint16_t* src = p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
-                          static_cast<int64_t>(head_kv * p.group + g) * p.q_stride_h + u * 8;
-    // destination = &sQ(r, 8u) of smem_tensor(s.q, SmemLayoutQK{}), written out by hand: the same
+                          static_cast<int64_t>(head_kv * p.group + g) * p.q_stride_h + kFirst * kChunkCols + u * 8;
+    // destination = &sQ(r, 8u) of smem_tensor(dst, SmemLayoutQK{}), written out by hand: the same
     // address (checked for every (r, u)), but CuTe's swizzled-pointer arithmetic costs ~200 more SASS
     // instructions per kernel here (and a 4-byte spill in the since-deleted split-S kernel when used in
     // store_p too).
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
         *reinterpret_cast<const cute::uint128_t*>(src),
-        *reinterpret_cast<cute::uint128_t*>(s.q + (u / 8) * kChunkBytes + r * 128 + (((u % 8) ^ (r & 7)) << 4)), valid);
+        *reinterpret_cast<cute::uint128_t*>(dst + (u / 8) * kChunkBytes + r * 128 + (((u % 8) ^ (r & 7)) << 4)), valid);
   }
 }
 
@@ -132,15 +134,15 @@ __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], SharedStorage& 
   qk_group_issue(sacc, s, stage, kGroupB, parity, false);
 }
 
-// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for consumer warpgroup w, P read from s.p (one
-// swizzled 64 x 64 chunk). Issues one wgmma group and waits for it.
-__device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s, int stage, int w) {
+// O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for output half w, P read from `p_tile` (one swizzled
+// 64 x 64 chunk), V from the page `kv`. Issues one wgmma group and waits for it.
+__device__ __forceinline__ void pv_half(float (&o)[128], const uint8_t* p_tile, const uint8_t* kv, int w) {
   using namespace cute;
   const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(s.p, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
+      local_tile(smem_tensor(p_tile, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
   // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
   const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
-      local_tile(smem_tensor(s.kv[stage], SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
+      local_tile(smem_tensor(kv, SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
   fence_regs(o);
   warpgroup_arrive();
 #pragma unroll
@@ -154,7 +156,7 @@ __device__ __forceinline__ void pv_half(float (&o)[128], const SharedStorage& s,
 
 // Writes this thread's probabilities (bf16) into the P tile `p_tile` (one swizzled 64 x 64 chunk): rows
 // a/b, columns col0 + 8j + 2(lane%4) + e. Addresses = &sP(row, col) of smem_tensor(p_tile, SmemLayoutP{}),
-// by hand for the reason in load_q_tile.
+// by hand for the reason in load_q_chunks.
 template <int N>
 __device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], int col0, int row_a, int lane) {
   const int row_b = row_a + 8;
@@ -168,13 +170,13 @@ __device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], i
   }
 }
 
-// Zeroes rows [first_row, 64) of this warpgroup's V columns (256w .. 256w+255) of a stage, so
+// Zeroes rows [first_row, 64) of V columns 256w .. 256w+255 of the page `kv`, so
 // that whatever lies in the unused slots of a request's last page (NaN included) meets P = 0 as
 // an exact 0. t = thread index in the warpgroup. (Zero is zero under any swizzle: the loop walks the
 // 16-byte units of those rows in memory order.)
-__device__ __forceinline__ void zero_v_tail(SharedStorage& s, int stage, int w, int first_row, int t) {
+__device__ __forceinline__ void zero_v_tail(uint8_t* kv, int w, int first_row, int t) {
   const int units = (kBlockN - first_row) * 32;  // 4 chunks x 8 units of 16 B per row
-  uint8_t* base = s.kv[stage];
+  uint8_t* base = kv;
   for (int u = t; u < units; u += 128) {
     const int r = first_row + u / 32, c = 4 * w + (u / 8) % 4, x = u % 8;
     *reinterpret_cast<uint4*>(base + c * kChunkBytes + r * 128 + x * 16) = make_uint4(0, 0, 0, 0);

@@ -116,12 +116,26 @@ __device__ __forceinline__ void gmma(float (&d)[N], uint64_t da, uint64_t db,
   gmma_unpack<Op>(d, da, db, scale, std::make_index_sequence<N>{});
 }
 
+// D (+)= A . B with a CuTe RS atom: A = four bf16x2 registers (one m64k16 step), B from shared memory.
+template <class Op, int N, std::size_t... I>
+__device__ __forceinline__ void gmma_rs_unpack(float (&d)[N], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint64_t db, GMMA::ScaleOut scale, std::index_sequence<I...>) {
+  Op::fma(a0, a1, a2, a3, db, d[I]..., scale);
+}
+template <class Op, int N>
+__device__ __forceinline__ void gmma_rs(float (&d)[N], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint64_t db, GMMA::ScaleOut scale = GMMA::ScaleOut::One) {
+  static_assert(sizeof(typename Op::CRegisters) == N * sizeof(float), "accumulator size must match the atom");
+  gmma_rs_unpack<Op>(d, a0, a1, a2, a3, db, scale, std::make_index_sequence<N>{});
+}
+
 using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S = Q K^T
+using MmaQK64RS = GMMA::MMA_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>;   // the same, Q in registers
 using MmaPV = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;     // O half += P.V
 
-// Keeps the compiler from moving accumulator reads/writes across wgmma issue / wait.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+// Keeps the compiler from moving accumulator (or A-fragment) reads/writes across wgmma issue / wait.
+template <class T, int N>
+__device__ __forceinline__ void fence_regs(T (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
@@ -143,6 +157,10 @@ enum NamedBarrierId : uint32_t {
   kBarMax = 1,    // both consumer WGs: a request's final row sums and maxima exchanged
   kBarP = 2,      // both consumer WGs: P tile (and rescale factors) written
   kBarPFree = 3,  // consumer 1 done reading P (consumer 0 may overwrite it)
+  // trio: one warpgroup's own 128 threads
+  kBarScorer = 4,  // scorer: the Q RoPE chunk is written
+  kBarValue0 = 5,  // value warpgroup 1 (output half 0): every warp's P V of the page is done
+  kBarValue1 = 6,  // value warpgroup 2 (output half 1)
 };
 constexpr int kConsumerThreads = kNumConsumerWG * 128;
 __device__ __forceinline__ void consumer_sync(NamedBarrierId id) {
@@ -151,5 +169,6 @@ __device__ __forceinline__ void consumer_sync(NamedBarrierId id) {
 __device__ __forceinline__ void consumer_arrive(NamedBarrierId id) {
   cutlass::arch::NamedBarrier::arrive(kConsumerThreads, id);
 }
+__device__ __forceinline__ void own_warpgroup_sync(NamedBarrierId id) { cutlass::arch::NamedBarrier::sync(128, id); }
 
 }  // namespace mla

@@ -53,13 +53,13 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
           s.row_max[0][c.row_a] = alpha_a;
           s.row_max[0][c.row_a + 8] = alpha_b;
         }
-        if (pg * kPageSize + kPageSize > len) zero_v_tail(s, stage, 0, len - pg * kPageSize, c.t);
+        if (pg * kPageSize + kPageSize > len) zero_v_tail(s.kv[stage], 0, len - pg * kPageSize, c.t);
         cutlass::arch::fence_view_async_shared();
         consumer_sync(kBarP);
         rescale_rows(o, alpha_a, alpha_b);
         // (Measured, run 4: queueing the next page's S behind this P V before waiting for it was
         // slower on every row; see NOTES.md. Wait, release the stage, then load the next S.)
-        pv_half(o, s, stage, 0);
+        pv_half(o, s.p, s.kv[stage], 0);
         EmptyBarrier::arrive(&s.empty_bar[stage][kGroupA]);
       }
       l_a = quad_sum(st.l[0]);
@@ -78,14 +78,14 @@ __device__ __forceinline__ void consume_solo_s(const DecodeParams& p, SharedStor
         const int stage = it % kNumStages;
         wait_barrier(&s.full_bar[stage][kGroupB], (it / kNumStages) & 1);  // this WG's V half
         if (pg * kPageSize + kPageSize > len) {
-          zero_v_tail(s, stage, 1, len - pg * kPageSize, c.t);
+          zero_v_tail(s.kv[stage], 1, len - pg * kPageSize, c.t);
           cutlass::arch::fence_view_async_shared();
         }
         consumer_sync(kBarP);  // P and the rescale factors are written
         const float alpha_a = s.row_max[0][c.row_a];
         const float alpha_b = s.row_max[0][c.row_a + 8];
         rescale_rows(o, alpha_a, alpha_b);
-        pv_half(o, s, stage, 1);
+        pv_half(o, s.p, s.kv[stage], 1);
         EmptyBarrier::arrive(&s.empty_bar[stage][kGroupB]);
         if (it + 1 < total_pages) consumer_arrive(kBarPFree);
       }

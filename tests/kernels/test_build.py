@@ -64,5 +64,9 @@ def test_kernel_knobs_reject_unknown_values(monkeypatch):
         sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto")
     monkeypatch.delenv("MLASERVE_MLA_SCHED", raising=False)
     assert sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto") == sm90._PLANS["auto"]
-    # one consumer schedule is left: its knob is gone, not silently ignored by a bench variant
-    assert "MLASERVE_MLA_KERNEL" not in sm90.KNOBS
+    # the consumer-schedule knob takes exactly the schedules the extension dispatches (bindings.cpp)
+    monkeypatch.setenv("MLASERVE_MLA_CONSUMER", "seesaw")
+    with pytest.raises(ValueError, match=r"MLASERVE_MLA_CONSUMER='seesaw'.*auto, solo, trio"):
+        sm90._env_choice("MLASERVE_MLA_CONSUMER", sm90._CONSUMERS, "auto")
+    assert sm90._CONSUMERS == {"auto": 0, "solo": 1, "trio": 2}
+    assert "MLASERVE_MLA_CONSUMER" in sm90.KNOBS and "MLASERVE_MLA_KERNEL" not in sm90.KNOBS

@@ -126,7 +126,10 @@ def seqlens_for(spec, gen):
 
 @pytest.mark.parametrize("spec,s_q,h_q,h_kv", GRID)
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_reference(seed, spec, s_q, h_q, h_kv, causal):
+@pytest.mark.parametrize("consumer", ["solo", "trio"])
+def test_matches_reference(seed, monkeypatch, consumer, spec, s_q, h_q, h_kv, causal):
+    """Both consumer schedules (MLASERVE_MLA_CONSUMER forces one on every shape) against the reference."""
+    monkeypatch.setenv("MLASERVE_MLA_CONSUMER", consumer)
     gen = torch.Generator().manual_seed(seed)
     seqlens = seqlens_for(spec, gen)
     q, k_cache, block_table, seq = make_inputs(seqlens, s_q, h_q, h_kv, gen)
@@ -267,9 +270,11 @@ def test_argument_errors_name_the_argument(seed):
 
 @pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("sched", ["even", "pack", "auto"])
-def test_scheduler_and_pdl_variants(seed, monkeypatch, sched, pdl):
-    """The kernel (one consumer schedule) is exact under every split plan (MLASERVE_MLA_SCHED), with the
-    combine launched with and without programmatic dependent launch (MLASERVE_MLA_PDL)."""
+@pytest.mark.parametrize("consumer", ["solo", "trio"])
+def test_scheduler_and_pdl_variants(seed, monkeypatch, consumer, sched, pdl):
+    """Both consumer schedules are exact under every split plan (MLASERVE_MLA_SCHED), with the combine
+    launched with and without programmatic dependent launch (MLASERVE_MLA_PDL)."""
+    monkeypatch.setenv("MLASERVE_MLA_CONSUMER", consumer)
     monkeypatch.setenv("MLASERVE_MLA_SCHED", sched)
     monkeypatch.setenv("MLASERVE_MLA_PDL", pdl)
     gen = torch.Generator().manual_seed(seed)

@@ -37,10 +37,13 @@ METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
+# consumer schedules of the main kernel (csrc/solo.cuh, csrc/trio.cuh); MLASERVE_MLA_CONSUMER picks one
+_CONSUMERS = {"auto": 0, "solo": 1, "trio": 2}
 # The environment knobs read here (for measuring variants; each defaults to the best measured):
-#   MLASERVE_MLA_SCHED=auto|even|pack  split plan, read by get_mla_metadata
-#   MLASERVE_MLA_PDL=1|0               combine launched as a programmatic dependent of the main kernel
-KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL")
+#   MLASERVE_MLA_SCHED=auto|even|pack       split plan, read by get_mla_metadata
+#   MLASERVE_MLA_PDL=1|0                    combine launched as a programmatic dependent of the main kernel
+#   MLASERVE_MLA_CONSUMER=auto|solo|trio    consumer schedule (auto = solo, csrc/launch.cu says why)
+KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL", "MLASERVE_MLA_CONSUMER")
 
 
 def _env_choice(name: str, choices: dict[str, int], default: str) -> int:
@@ -230,6 +233,7 @@ def flash_mla_with_kvcache(
     accum = torch.empty(n_lse * (HEAD_DIM_V + 1), dtype=torch.float32, device=q.device)
     o_accum, lse_accum = accum[: n_lse * HEAD_DIM_V], accum[n_lse * HEAD_DIM_V :]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(HEAD_DIM_QK)
+    consumer = _env_choice("MLASERVE_MLA_CONSUMER", _CONSUMERS, "auto")
     stream = torch.cuda.current_stream(device).cuda_stream
     _C.mla_decode(
         device,
@@ -262,6 +266,7 @@ def flash_mla_with_kvcache(
         scale,
         bool(causal),
         os.environ.get("MLASERVE_MLA_PDL", "1") != "0",
+        consumer,
         stream,
     )
     return out, lse
