@@ -58,9 +58,8 @@ __device__ __forceinline__ void row_max_local(const float (&s)[N], float& mx_a, 
   mx_b = quad_max(mx_b);
 }
 
-// Given the new row max over all 64 keys of the page (both warpgroups), turns scores into
-// probabilities in place, updates the running state, and returns the factors by which the output
-// accumulator rows must be rescaled.
+// Given the row max over all 64 keys of the page, turns scores into probabilities in place, updates the
+// running state, and returns the factors by which the output accumulator rows must be rescaled.
 template <int N>
 __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, float page_max_a, float page_max_b,
                                                float scale_log2, float& alpha_a, float& alpha_b) {
@@ -87,8 +86,11 @@ __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, floa
   st.m[1] = m_new_b;
 }
 
+// O rows *= their factors, skipped when every factor in the warp is exactly 1 (no row max of the warp moved;
+// exp2f(0) is exactly 1).
 template <int N>
 __device__ __forceinline__ void rescale_rows(float (&o)[N], float alpha_a, float alpha_b) {
+  if (!__any_sync(0xffffffffu, alpha_a != 1.f || alpha_b != 1.f)) return;
 #pragma unroll
   for (int j = 0; j < N / 4; ++j) {
     o[4 * j + 0] *= alpha_a;

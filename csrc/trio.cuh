@@ -231,7 +231,7 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
       }
       const float alpha_a = s.alpha[stage][c.row_a];
       const float alpha_b = s.alpha[stage][c.row_a + 8];
-      if (__any_sync(0xffffffffu, alpha_a != 1.f || alpha_b != 1.f)) rescale_rows(o, alpha_a, alpha_b);
+      rescale_rows(o, alpha_a, alpha_b);
       pv_half(o, s.rope[slot], kv, h);
       own_warpgroup_sync(own);  // every warp's P V of this page is done
       if (lead) {

@@ -339,7 +339,7 @@ def test_summary_and_tables():
 
 def test_measure_row_on_cpu_with_the_reference():
     """measure_row's bookkeeping with the float32 reference on both sides (original and current form) and a
-    timer that records the order of the calls: every pair checked, passes in alternating orders."""
+    timer that records the order of the calls: every pair checked, pass p in the order rotated by p."""
     lengths = (130, 64, 1000)
     row = bench.Row("serving", 2, 16, "x", lengths)
     cache = sidebyside.build_cache(list(lengths), device="cpu")
@@ -356,10 +356,13 @@ def test_measure_row_on_cpu_with_the_reference():
     assert r.ok(), r.bad()
     assert set(r.checks) == {"ours~ref", "v2~ref", "peer~ref", "ours~peer", "v2~peer"}
     assert r.checks["ours~peer"].out_rel == 0.0 and r.split == 0
-    assert r.times == {"ours": [11.0, 16.0, 17.0], "v2": [12.0, 15.0, 18.0], "peer": [13.0, 14.0, 19.0]}
+    # an untimed pass (calls 1-3), then (ours, v2, peer), (v2, peer, ours), (peer, ours, v2): every
+    # implementation in every slot once
+    assert r.times == {"ours": [14.0, 19.0, 21.0], "v2": [15.0, 17.0, 22.0], "peer": [16.0, 18.0, 20.0]}
+    assert bench.passes_for(None, 4) == 4 and bench.passes_for(None, 1) == 2 and bench.passes_for(3, 5) == 3
     assert order[1] == "0" and order[0] != "0"  # the variant ran under its knob, the others not
     line = bench.row_line(r, bench.Ceilings(4000.0, 700.0), ["ours", "v2"], "peer")
-    assert "ours     11.0 peer     13.0  1.18x v2     12.0" in line and line.endswith("OK")
+    assert "ours     14.0 peer     16.0  1.14x v2     15.0" in line and line.endswith("OK")
 
 
 # ---- on the GPU -------------------------------------------------------------------------------
@@ -400,6 +403,11 @@ def test_side_by_side_row_on_gpu():
     }
     assert r.checks["ours~peer"].out_rel == 0.0  # the same kernel on the same plan: bit-identical
     assert all(len(t) == 2 and min(t) > 0 for t in r.times.values())
+    g = bench.measure_row(
+        row, cache, ours[:1], peer, timer, passes=2, ref_requests=1, with_kernel_times=False, graph=True
+    )
+    assert g.ok(), g.bad()
+    assert set(g.times) == {"ours", "peer"} and all(len(t) == 2 and min(t) > 0 for t in g.times.values())
     meta, splits = sm90.get_mla_metadata(cache.seqlens, 2 * 128, 1)
     assert r.split == sidebyside.split_requests(splits)
     for name in ("ours", "ours PDL off", "peer"):

@@ -149,6 +149,34 @@ def test_batch_128_varlen_all_heads(seed):
         check_against_reference(q, k_cache, block_table, seq, True, out, lse)
 
 
+@pytest.mark.parametrize("consumer", ["solo", "trio"])
+@pytest.mark.parametrize("per_page", [12.0, 1.5, -12.0])
+def test_rescale_when_the_row_max_moves(seed, monkeypatch, consumer, per_page):
+    """Scores that climb (or fall) steadily over the keys, by about `per_page` log2 units per page: with 12
+    or 1.5 every row max moves on every page (O rescaled each page), with -12 it stays on the first page
+    (every later rescale skipped: all factors exactly 1). Both schedules against the float32 reference."""
+    monkeypatch.setenv("MLASERVE_MLA_CONSUMER", consumer)
+    gen = torch.Generator().manual_seed(seed)
+    seqlens = [600, 640, 65, 300]  # at most 10 pages: scores stay within ~120 log2 units
+    q, k_cache, block_table, seq = make_inputs(seqlens, 1, 128, 1, gen)
+    # q gets 8 u and key t gets c t / 64 u (u a unit direction): the scaled score of every row moves by
+    # 8 c / 24 natural units = 0.48 c log2 units per page (default scale 1/24)
+    u = torch.randn(D, generator=gen).to("cuda")
+    u = u / u.norm()
+    q = (q.float() + 8.0 * u).to(torch.bfloat16)
+    c = per_page / (8.0 / 24.0 * math.log2(math.e))
+    pages = block_table.long()
+    for i, n in enumerate(seqlens):
+        ids = pages[i, : (n + PAGE - 1) // PAGE]
+        t = torch.arange(n, device="cuda", dtype=torch.float32)
+        keys = k_cache[ids].float().reshape(-1, D)
+        keys[:n] += (c * t / PAGE).view(-1, 1) * u
+        k_cache[ids] = keys.reshape(ids.numel(), PAGE, 1, D).to(torch.bfloat16)
+    out, lse = run_sm90(q, k_cache, block_table, seq, False)
+    torch.cuda.synchronize()
+    check_against_reference(q, k_cache, block_table, seq, False, out, lse)
+
+
 def test_all_empty_and_tiny_batches(seed):
     gen = torch.Generator().manual_seed(seed)
     for seqlens in ([0], [0, 0, 0], [1], [0, 1]):
