@@ -27,6 +27,14 @@ __device__ __forceinline__ constexpr int group_chunk(int g, int i) {
 __device__ __forceinline__ constexpr int group_chunks(int g) { return g == kGroupA ? kChunksA : kChunksB; }
 __device__ __forceinline__ constexpr int group_bytes(int g) { return group_chunks(g) * kChunkBytes; }
 
+// One thread: TMA of chunk c (64 columns x 64 tokens) of physical page `page`, head head_kv, into `dst` (one
+// swizzled chunk), completing on `bar`: box (64 cols, 64 tokens, 1 head, 1 page) at (64c, 0, head_kv, page).
+__device__ __forceinline__ void load_page_chunk(const CUtensorMap* tmap, uint64_t* bar, uint8_t* dst, int c, int page,
+                                                int head_kv) {
+  constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  cute::SM90_TMA_LOAD_4D::copy(tmap, bar, kHint, dst, c * kChunkCols, 0, head_kv, page);
+}
+
 // Producer warp: streams this part's pages, in order, into the stage ring, each page as its two chunk
 // groups (group A once warpgroup 0 released it, then group B once warpgroup 1 did). One lane issues.
 __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const DecodeParams& p, const PartInfo& part,
@@ -52,10 +60,7 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
 #pragma unroll
             for (int i = 0; i < group_chunks(g); ++i) {
               const int c = group_chunk(g, i);
-              constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-              // box (64 cols, 64 tokens, 1 head, 1 page) at (64c, 0, head_kv, page)
-              cute::SM90_TMA_LOAD_4D::copy(tmap, &s.full_bar[stage][g], kHint, s.kv[stage] + c * kChunkBytes,
-                                           c * kChunkCols, 0, head_kv, page);
+              load_page_chunk(tmap, &s.full_bar[stage][g], s.kv[stage] + c * kChunkBytes, c, page, head_kv);
             }
           }
         }
@@ -68,7 +73,7 @@ __device__ __forceinline__ void produce_pages(const CUtensorMap* tmap, const Dec
 // kThreadsQ threads (t = 0..kThreadsQ-1) copy chunks [kFirst, kFirst + kChunks) of the 64 query rows of
 // (req, m_block, head_kv) into `dst` (kChunks swizzled chunks), with cp.async (no staging registers); rows
 // past the last query row are zero-filled. The caller waits (cp_async_wait), fences to the async proxy
-// and syncs. Solo: the whole tile (chunks 0..8, both consumers); trio: the RoPE chunk (its scorer).
+// and syncs. Solo: the whole tile (chunks 0..8, both consumers); trio: chunks 7 and 8 (its scorer).
 template <int kFirst, int kChunks, int kThreadsQ>
 __device__ __forceinline__ void load_q_chunks(const DecodeParams& p, uint8_t* dst, int req, int m_block, int head_kv,
                                               int t) {

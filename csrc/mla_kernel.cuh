@@ -4,9 +4,9 @@
 // part's pages through the page table with TMA (nine 64x64 boxes per page in two chunk groups, 128B
 // swizzle) into a two-stage ring. Warpgroups 0 and 1 are consumers (w = 0, 1); consumer w owns output
 // columns 256w..256w+255 (O += P V with wgmma m64n256k16, V = first 512 columns of the K page already in
-// smem, read transposed). Online softmax in fp32. Consumer schedule: solo (solo.cuh); the trio kernel
-// below runs the other schedule (trio.cuh) on the same grid. (The split-S,
-// seesaw and duo schedules lost to it on the measured rows and were deleted; NOTES.md keeps their numbers.)
+// smem, read transposed). Online softmax in fp32. Consumer schedule: solo (solo.cuh). The trio kernel
+// below runs the opt-in trio schedule (trio.cuh) on the same grid. (The split-S, seesaw and duo schedules
+// lost to solo on the measured rows and were deleted; NOTES.md keeps their numbers.)
 #pragma once
 #include <cuda.h>
 

@@ -158,7 +158,7 @@ enum NamedBarrierId : uint32_t {
   kBarP = 2,      // both consumer WGs: P tile (and rescale factors) written
   kBarPFree = 3,  // consumer 1 done reading P (consumer 0 may overwrite it)
   // trio: one warpgroup's own 128 threads
-  kBarScorer = 4,  // scorer: the Q RoPE chunk is written
+  kBarScorer = 4,  // scorer: Q's tail chunks (s.q_tail) are written
   kBarValue0 = 5,  // value warpgroup 1 (output half 0): every warp's P V of the page is done
   kBarValue1 = 6,  // value warpgroup 2 (output half 1)
 };

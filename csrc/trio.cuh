@@ -47,11 +47,7 @@ __device__ __forceinline__ void cursor_next(PageCursor& cur, const DecodeParams&
 __device__ __forceinline__ void trio_load_chunks(const CUtensorMap* tmap, uint64_t* bar, uint8_t* dst, int c0, int n,
                                                  int page, int head_kv) {
   FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
-  for (int i = 0; i < n; ++i) {
-    constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    // box (64 cols, 64 tokens, 1 head, 1 page) at (64 (c0 + i), 0, head_kv, page)
-    cute::SM90_TMA_LOAD_4D::copy(tmap, bar, kHint, dst + i * kChunkBytes, (c0 + i) * kChunkCols, 0, head_kv, page);
-  }
+  for (int i = 0; i < n; ++i) load_page_chunk(tmap, bar, dst + i * kChunkBytes, c0 + i, page, head_kv);
 }
 // Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`; the RoPE chunk of `page` into `slot`.
 __device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap, TrioStorage& s, int stage, int g, int page,
