@@ -23,6 +23,19 @@ void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int s
                            reinterpret_cast<int*>(metadata), reinterpret_cast<int*>(num_splits), as_stream(stream));
 }
 
+void check_schedule(int schedule) {
+  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
+    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
+                                std::to_string(schedule));
+  }
+}
+
+int resolve_schedule(int schedule, int rows) {
+  check_schedule(schedule);
+  if (rows < 1) throw std::invalid_argument("mlaserve._C: rows must be >= 1, got " + std::to_string(rows));
+  return mla::resolve_schedule(schedule, rows);
+}
+
 void mla_decode(int device, uintptr_t q, int64_t q_stride_b, int64_t q_stride_s, int64_t q_stride_h,
                 uintptr_t k_cache, int64_t k_stride_page, int64_t k_stride_token, int64_t k_stride_head,
                 int64_t num_pages, uintptr_t block_table, int64_t bt_stride_b, uintptr_t seqlens,
@@ -60,10 +73,7 @@ void mla_decode(int device, uintptr_t q, int64_t q_stride_b, int64_t q_stride_s,
   a.scale = scale;
   a.causal = causal;
   a.pdl = pdl;
-  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
-    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
-                                std::to_string(schedule));
-  }
+  check_schedule(schedule);
   a.schedule = schedule;
   mla::launch_mla_decode(a, as_stream(stream));
 }
@@ -91,5 +101,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("o_stride_h"), py::arg("lse"), py::arg("o_accum"), py::arg("lse_accum"), py::arg("b"),
         py::arg("s_q"), py::arg("h_q"), py::arg("h_kv"), py::arg("scale"), py::arg("causal"), py::arg("pdl"),
         py::arg("schedule"), py::arg("stream"));
+  m.def("resolve_schedule", &resolve_schedule,
+        "the consumer schedule a launch runs: (requested schedule, query rows per KV head) -> 1 (solo) or 2 (trio)",
+        py::arg("schedule"), py::arg("rows"));
   m.def("num_sms", &num_sms, "multiprocessor count of a device", py::arg("device"));
 }

@@ -77,13 +77,8 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   }
 }
 
-// Auto is solo on every shape: trio measured within the bench's +-5% of solo on the compute-bound rows and
-// 2% more cycles under ncu at 1/128/8k, and 3-7% slower on the memory-bound rows (csrc/NOTES.md,
-// session 5); it stays selectable (MLASERVE_MLA_CONSUMER=trio) while its RoPE-slot stall is worked on.
-bool use_trio(int schedule) { return schedule == kSchedTrio; }
-
-void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, bool trio, cudaStream_t stream) {
-  if (trio) {
+void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule, cudaStream_t stream) {
+  if (schedule == kSchedTrio) {
     ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
     mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
     check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
@@ -95,6 +90,14 @@ void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, bool
 }
 
 }  // namespace
+
+// Auto: solo while a KV head's query rows fit one 64-row tile (the memory-bound shapes: trio 1-3% slower
+// there), trio above (two or more tiles, compute-bound: 2.7% fewer cycles than solo under ncu at 1/128/8k and
+// 1-2.5% faster side by side; csrc/NOTES.md, session 7).
+int resolve_schedule(int schedule, int rows) {
+  if (schedule != kSchedAuto) return schedule;
+  return rows > kBlockM ? kSchedTrio : kSchedSolo;
+}
 
 int num_sms(int device) {
   int n = 0;
@@ -137,7 +140,7 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.b > 0 && a.num_parts > 0 && a.num_pages > 0) {
     const CUtensorMap tmap = make_kv_tensor_map(a);
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
-    launch_main(tmap, p, grid, use_trio(a.schedule), stream);
+    launch_main(tmap, p, grid, resolve_schedule(a.schedule, rows), stream);
     main_launched = true;
   }
 

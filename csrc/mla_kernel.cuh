@@ -5,8 +5,9 @@
 // swizzle) into a two-stage ring. Warpgroups 0 and 1 are consumers (w = 0, 1); consumer w owns output
 // columns 256w..256w+255 (O += P V with wgmma m64n256k16, V = first 512 columns of the K page already in
 // smem, read transposed). Online softmax in fp32. Consumer schedule: solo (solo.cuh). The trio kernel
-// below runs the opt-in trio schedule (trio.cuh) on the same grid. (The split-S, seesaw and duo schedules
-// lost to solo on the measured rows and were deleted; NOTES.md keeps their numbers.)
+// below runs the trio schedule (trio.cuh) on the same grid; auto picks it above 64 query rows per KV head
+// (launch.cu). (The split-S, seesaw and duo schedules lost to solo on the measured rows and were deleted;
+// NOTES.md keeps their numbers.)
 #pragma once
 #include <cuda.h>
 
@@ -62,7 +63,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
   consume_solo_s(p, s, part, consumer_ctx(threadIdx.x / 128, m_block, head_kv));
 }
 
-// The trio schedule (trio.cuh): same grid and threads; warpgroup 0 scores, warpgroups 1 and 2 add P V and
+// The trio schedule (trio.cuh), auto above 64 query rows per KV head: same grid and threads; warpgroup 0
+// scores, warpgroups 1 and 2 add P V and
 // issue the loads.
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                       const __grid_constant__ DecodeParams p) {

@@ -70,3 +70,25 @@ def test_kernel_knobs_reject_unknown_values(monkeypatch):
         sm90._env_choice("MLASERVE_MLA_CONSUMER", sm90._CONSUMERS, "auto")
     assert sm90._CONSUMERS == {"auto": 0, "solo": 1, "trio": 2}
     assert "MLASERVE_MLA_CONSUMER" in sm90.KNOBS and "MLASERVE_MLA_KERNEL" not in sm90.KNOBS
+
+
+@pytest.mark.skipif(not _has_nvcc(), reason="no nvcc: MLASERVE_CUDA=AUTO skips the extension")
+def test_auto_schedule_by_rows_per_kv_head(monkeypatch):
+    """The launcher's own rule (the extension's resolve_schedule, no GPU needed): auto runs solo while a KV
+    head's s_q * h_q / h_kv query rows fit one 64-row tile and trio above; a forced knob wins everywhere."""
+    from mlaserve.worker.kernels import _C, sm90
+
+    monkeypatch.delenv("MLASERVE_MLA_CONSUMER", raising=False)
+    cases = {(1, 16, 1): "solo", (1, 64, 1): "solo", (2, 32, 1): "solo", (1, 128, 2): "solo",
+             (1, 128, 1): "trio", (2, 64, 1): "trio", (2, 128, 1): "trio", (1, 65, 1): "trio"}
+    for (s_q, h_q, h_kv), want in cases.items():
+        assert sm90.schedule_for(s_q, h_q, h_kv) == want, (s_q, h_q, h_kv)
+    for forced in ("solo", "trio"):
+        monkeypatch.setenv("MLASERVE_MLA_CONSUMER", forced)
+        assert sm90.schedule_for(1, 16, 1) == forced and sm90.schedule_for(2, 128, 1) == forced
+    with pytest.raises(ValueError, match="h_q a multiple of h_kv"):
+        sm90.schedule_for(1, 16, 3)
+    with pytest.raises(ValueError, match="schedule must be"):
+        _C.resolve_schedule(7, 64)
+    with pytest.raises(ValueError, match="rows must be"):
+        _C.resolve_schedule(0, 0)

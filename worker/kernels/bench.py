@@ -30,7 +30,8 @@ and ours and the peer against the float32 reference on the first --ref-requests 
 Variants of ours (--variants, timed in the same passes; the first is the one the ratio is for):
   ours      the default build and knobs        pdl0     MLASERVE_MLA_PDL=0 (combine not overlapped)
   even / pack / auto   MLASERVE_MLA_SCHED      nosplit  a host plan that splits no request
-  solo / trio          MLASERVE_MLA_CONSUMER (consumer schedule forced on every row)
+  solo / trio          MLASERVE_MLA_CONSUMER (consumer schedule forced on every row; each row line
+                       names the schedule every variant ran: "sched ours=trio ...")
   NAME:VAR=VAL[,VAR=VAL]  any of sm90.KNOBS
 The serving grid times ours, pdl0 and nosplit by default and prints how many requests our plan splits;
 --kernel-times adds each kernel's own duration (torch.profiler): with PDL the combine kernel starts
@@ -268,6 +269,7 @@ class RowResult:
     split: int | None = None  # requests our plan splits
     checks: dict[str, Agreement] = field(default_factory=dict)
     kernels: dict[str, dict[str, float] | None] = field(default_factory=dict)
+    schedules: dict[str, str] = field(default_factory=dict)  # variant of ours -> consumer schedule it ran
 
     def best(self, name: str) -> float:
         return min(self.times[name])
@@ -334,6 +336,11 @@ def measure_row(
         calls[impl.name], splits = impl.prepare(cache, q)
         if impl is ours[0]:
             res.split = split_requests(splits)
+    for impl in ours:  # the consumer schedule each variant runs, as the launcher picks it (sm90 only)
+        schedule_for = getattr(impl.module, "schedule_for", None)
+        if schedule_for is not None:
+            with knob_env(impl.env):
+                res.schedules[impl.name] = schedule_for(row.s_q, row.h_q, cache.k_cache.shape[2])
     # correctness first (untimed): every implementation against the peer and the float32 reference
     outs = {}
     for impl in impls:
@@ -406,6 +413,8 @@ def row_line(r: RowResult, ceil: Ceilings, names: Sequence[str], peer: str | Non
         f"| {gbps:5.0f} GB/s {100 * gbps / ceil.copy_gbps:5.1f}% copy {tf:4.0f} TF {100 * tf / ceil.gemm_tflops:5.1f}% gemm"
     )
     parts.append(f"| split {r.split if r.split is not None else '-'}/{row.b}")
+    if r.schedules:
+        parts.append("| sched " + " ".join(f"{n}={s}" for n, s in r.schedules.items()))
     parts.append("| " + " ".join(f"{k} {a}" for k, a in r.checks.items()))
     for name, kt in r.kernels.items():
         if kt:
@@ -696,6 +705,7 @@ def main(argv: list[str] | None = None) -> None:
                             "split": r.split,
                             "checks": {k: [a.out_rel, a.lse_abs] for k, a in r.checks.items()},
                             "kernels": r.kernels,
+                            "schedules": r.schedules,
                         }
                         for _, _, results in done
                         for r in results

@@ -42,7 +42,8 @@ _CONSUMERS = {"auto": 0, "solo": 1, "trio": 2}
 # The environment knobs read here (for measuring variants; each defaults to the best measured):
 #   MLASERVE_MLA_SCHED=auto|even|pack       split plan, read by get_mla_metadata
 #   MLASERVE_MLA_PDL=1|0                    combine launched as a programmatic dependent of the main kernel
-#   MLASERVE_MLA_CONSUMER=auto|solo|trio    consumer schedule (auto = solo, csrc/launch.cu says why)
+#   MLASERVE_MLA_CONSUMER=auto|solo|trio    consumer schedule (auto: solo for <= 64 query rows per KV
+#                                           head, trio above; schedule_for() says which, csrc/launch.cu why)
 KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL", "MLASERVE_MLA_CONSUMER")
 
 
@@ -141,6 +142,18 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         stream,
     )
     return metadata, num_splits
+
+
+def schedule_for(s_q: int, h_q: int, h_kv: int) -> str:
+    """The consumer schedule ("solo", "trio") that flash_mla_with_kvcache runs for this shape
+    under the current MLASERVE_MLA_CONSUMER (the launcher's own rule, csrc/launch.cu)."""
+    if _C is None:
+        raise RuntimeError("the sm90 kernels are not built (mlaserve.worker.kernels._C is missing)")
+    if h_kv < 1 or h_q % h_kv or s_q < 1:
+        raise ValueError(f"s_q={s_q}, h_q={h_q}, h_kv={h_kv}: need s_q >= 1 and h_q a multiple of h_kv >= 1")
+    requested = _env_choice("MLASERVE_MLA_CONSUMER", _CONSUMERS, "auto")
+    chosen = int(_C.resolve_schedule(requested, s_q * (h_q // h_kv)))
+    return next(name for name, value in _CONSUMERS.items() if value == chosen)
 
 
 def _check_aligned(name: str, t: torch.Tensor, elems: int, what: str) -> None:
@@ -279,4 +292,5 @@ __all__ = [
     "get_mla_metadata",
     "is_supported",
     "num_parts_for",
+    "schedule_for",
 ]
