@@ -64,8 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 }
 
 // The trio schedule (trio.cuh), auto above 64 query rows per KV head: same grid and threads; warpgroup 0
-// scores, warpgroups 1 and 2 add P V and
-// issue the loads.
+// scores, warpgroups 1 and 2 add P V and issue the loads.
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                       const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];

@@ -79,8 +79,16 @@ def test_auto_schedule_by_rows_per_kv_head(monkeypatch):
     from mlaserve.worker.kernels import _C, sm90
 
     monkeypatch.delenv("MLASERVE_MLA_CONSUMER", raising=False)
-    cases = {(1, 16, 1): "solo", (1, 64, 1): "solo", (2, 32, 1): "solo", (1, 128, 2): "solo",
-             (1, 128, 1): "trio", (2, 64, 1): "trio", (2, 128, 1): "trio", (1, 65, 1): "trio"}
+    cases = {
+        (1, 16, 1): "solo",
+        (1, 64, 1): "solo",
+        (2, 32, 1): "solo",
+        (1, 128, 2): "solo",
+        (1, 128, 1): "trio",
+        (2, 64, 1): "trio",
+        (2, 128, 1): "trio",
+        (1, 65, 1): "trio",
+    }
     for (s_q, h_q, h_kv), want in cases.items():
         assert sm90.schedule_for(s_q, h_q, h_kv) == want, (s_q, h_q, h_kv)
     for forced in ("solo", "trio"):
