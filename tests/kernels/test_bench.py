@@ -365,6 +365,41 @@ def test_measure_row_on_cpu_with_the_reference():
     assert "ours     14.0 peer     16.0  1.14x v2     15.0" in line and line.endswith("OK")
 
 
+def test_row_line_names_the_schedule_each_variant_ran(monkeypatch):
+    """A variant module that reports its schedule (sm90.schedule_for) has it recorded per variant, under that
+    variant's own knobs, and printed in the row line; the reference (no schedule_for) adds nothing."""
+    knob = "MLASERVE_MLA_CONSUMER"
+    monkeypatch.delenv(knob, raising=False)
+    mod = types.ModuleType("fake_sm90")
+    mod.get_mla_metadata = reference.get_mla_metadata
+    mod.flash_mla_with_kvcache = reference.flash_mla_with_kvcache
+    mod.schedule_for = lambda s_q, h_q, h_kv: f"{os.environ.get(knob, 'auto')}:{s_q * h_q // h_kv}"
+    lengths = (70, 200)
+    row = bench.Row("serving", 2, 16, "x", lengths)
+    cache = sidebyside.build_cache(list(lengths), device="cpu")
+    ours = [Impl("ours", mod, ORIGINAL), Impl("forced", mod, ORIGINAL, {knob: "trio"})]
+    r = bench.measure_row(
+        row, cache, ours, None, lambda fn: fn() and 1.0, passes=1, ref_requests=1, with_kernel_times=False
+    )
+    assert r.schedules == {"ours": "auto:32", "forced": "trio:32"}
+    assert "| sched ours=auto:32 forced=trio:32 |" in bench.row_line(
+        r, bench.Ceilings(4000.0, 700.0), ["ours", "forced"], None
+    )
+    plain = bench.measure_row(
+        row,
+        cache,
+        [Impl("ours", reference, ORIGINAL)],
+        None,
+        lambda fn: fn() and 1.0,
+        passes=1,
+        ref_requests=1,
+        with_kernel_times=False,
+    )
+    assert plain.schedules == {} and "sched" not in bench.row_line(
+        plain, bench.Ceilings(4000.0, 700.0), ["ours"], None
+    )
+
+
 # ---- on the GPU -------------------------------------------------------------------------------
 def _gpu():
     from mlaserve.worker.kernels import sm90
