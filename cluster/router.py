@@ -227,9 +227,18 @@ class Router:
         return len(state.active) if state else 0
 
     def queue_depth(self, worker_id: str) -> int:
-        """Requests waiting on the worker per its report, plus those routed since (unreported)."""
+        """Requests waiting on the worker per its report, plus those routed since (unreported) whose
+        reservation is still live at the router's clock: the depth route() checks its queue limit against
+        (it expires reservations first), also before the next route() call has expired them."""
         state = self._workers[worker_id]
-        return state.load.waiting + len(state.unreported)
+        now = self._clock()
+        live = sum(1 for rid in state.unreported if self._reservation_live(self._placements[rid], now))
+        return state.load.waiting + live
+
+    def _reservation_live(self, placed: _Placement, now: float) -> bool:
+        """False once _expire(now) would mark the placement reported or release it."""
+        age = now - placed.stamp
+        return age <= self.config.placement_ttl_s and age <= self.config.reservation_ttl_s
 
     def _mark_reported(self, request_id: str) -> None:
         placed = self._placements[request_id]

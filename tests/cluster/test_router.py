@@ -178,6 +178,27 @@ def test_reservation_ttl_and_remove_worker():
     router.check_integrity()
 
 
+def test_queue_depth_drops_an_expired_reservation_before_the_next_route():
+    """queue_depth() agrees with the limit route() applies: a reservation past its TTL no longer counts, even
+    before a route() call has expired it (hypothesis found the disagreement: limit 1, one request, 21 s > TTL)."""
+    clock = FakeClock()
+    router = Router(
+        RouterConfig(max_queued_per_worker=1, reservation_ttl_s=20, placement_ttl_s=80), clock=clock
+    )
+    router.update_load(load("w0"))
+    router.route(RouteRequest("r0", 1, 1))
+    assert router.queue_depth("w0") == 1
+    with pytest.raises(AllQueuesFull):
+        router.route(RouteRequest("r1", 1, 1))
+    clock.t = 20.0
+    assert router.queue_depth("w0") == 1  # the TTL is inclusive, as in _expire
+    clock.t = 21.0
+    assert router.queue_depth("w0") == 0
+    assert router.route(RouteRequest("r1", 1, 1)).worker_id == "w0"
+    assert router.queue_depth("w0") == 1 and router.is_placed("r0")
+    router.check_integrity()
+
+
 def test_skips_unhealthy_draining_excluded_and_raises_when_none():
     router = Router(RouterConfig(policy="round_robin"))
     router.update_load(load("w0", healthy=False))
