@@ -235,10 +235,15 @@ class Router:
         live = sum(1 for rid in state.unreported if self._reservation_live(self._placements[rid], now))
         return state.load.waiting + live
 
+    def _placement_expired(self, placed: _Placement, now: float) -> bool:
+        return now - placed.stamp > self.config.placement_ttl_s
+
+    def _reservation_expired(self, placed: _Placement, now: float) -> bool:
+        return now - placed.stamp > self.config.reservation_ttl_s
+
     def _reservation_live(self, placed: _Placement, now: float) -> bool:
         """False once _expire(now) would mark the placement reported or release it."""
-        age = now - placed.stamp
-        return age <= self.config.placement_ttl_s and age <= self.config.reservation_ttl_s
+        return not (self._placement_expired(placed, now) or self._reservation_expired(placed, now))
 
     def _mark_reported(self, request_id: str) -> None:
         placed = self._placements[request_id]
@@ -249,9 +254,9 @@ class Router:
 
     def _expire(self, now: float) -> None:
         for rid, placed in list(self._placements.items()):
-            if now - placed.stamp > self.config.placement_ttl_s:
+            if self._placement_expired(placed, now):
                 self.release(rid)
-            elif not placed.reported and now - placed.stamp > self.config.reservation_ttl_s:
+            elif not placed.reported and self._reservation_expired(placed, now):
                 self._mark_reported(rid)
 
     # ---- placement -------------------------------------------------------------------------

@@ -18,15 +18,17 @@ namespace {
 
 constexpr int kCombineWarps = 4;
 constexpr int kCombineBatch = 4;  // wide launches: splits whose partials are loaded together
-// A launch with at most this many (request, KV head, query row) items splits each row over 4 warps (few
+// A launch with at most this many (request, KV head, query row) items splits each row over several warps (few
 // requests with many splits: spread over more SMs), a larger one keeps one warp per row (the extra, mostly
 // idle blocks cost more than they spread). Measured on the serving grid, csrc/NOTES.md session 7.
 constexpr int kCombineWideItems = 512;
+constexpr int kCombineWideParts = 4;  // warps per row in those launches
+constexpr int kWarpCols = 32 * 4;     // columns one warp covers with a float4 per lane
 
 // kParts warps per row, each over 512 / kParts columns: a lane holds kVecs = 4 / kParts float4.
 template <int kParts>
 __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const __grid_constant__ CombineParams p) {
-  constexpr int kPartCols = kHeadDimV / kParts, kVecs = kPartCols / 128;
+  constexpr int kPartCols = kHeadDimV / kParts, kVecs = kPartCols / kWarpCols;
   // Batching pays where few warps each walk many splits; in large launches (mostly 2 splits a request) its
   // registers (109 against 54) cost more than it hides: there the splits are walked one at a time.
   constexpr int kBatch = kParts == 1 ? 1 : kCombineBatch;
@@ -42,7 +44,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const _
   const int row_id = item / kParts, part = item % kParts;
   const int head_kv = row_id / p.rows, rg = row_id % p.rows;
   const int sq = rg / p.group, head = head_kv * p.group + rg % p.group;
-  const int col = part * kPartCols + 4 * lane;  // this lane's columns: col + 128 k + 0..3, k < kVecs
+  const int col = part * kPartCols + 4 * lane;  // this lane's columns: col + kWarpCols k + 0..3, k < kVecs
   uint16_t* dst = p.out + static_cast<int64_t>(req) * p.o_stride_b + static_cast<int64_t>(sq) * p.o_stride_s +
                   static_cast<int64_t>(head) * p.o_stride_h + col;
   float* lse_dst = p.lse + (static_cast<int64_t>(req) * p.h_q + head) * p.s_q + sq;
@@ -103,7 +105,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const _
     uint2 packed;
     packed.x = *reinterpret_cast<const uint32_t*>(&a);
     packed.y = *reinterpret_cast<const uint32_t*>(&b);
-    *reinterpret_cast<uint2*>(dst + 128 * k) = packed;
+    *reinterpret_cast<uint2*>(dst + kWarpCols * k) = packed;
   }
   if (part == 0 && lane == 0) *lse_dst = lse_out;
 }
@@ -116,7 +118,7 @@ void launch_mla_combine(const CombineParams& params, bool pdl, cudaStream_t stre
   cudaLaunchConfig_t cfg = {};
   const int64_t items = static_cast<int64_t>(params.b) * params.h_kv * params.rows;
   const bool wide = items <= kCombineWideItems;
-  const int parts = wide ? 4 : 1;
+  const int parts = wide ? kCombineWideParts : 1;
   cfg.gridDim = dim3((params.h_kv * params.rows * parts + kCombineWarps - 1) / kCombineWarps, params.b);
   cfg.blockDim = dim3(kCombineWarps * 32);
   cfg.dynamicSmemBytes = 0;
@@ -126,7 +128,7 @@ void launch_mla_combine(const CombineParams& params, bool pdl, cudaStream_t stre
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  check_cuda(cudaLaunchKernelEx(&cfg, wide ? mla_combine_kernel<4> : mla_combine_kernel<1>, params),
+  check_cuda(cudaLaunchKernelEx(&cfg, wide ? mla_combine_kernel<kCombineWideParts> : mla_combine_kernel<1>, params),
              "mla_combine_kernel launch");
   check_cuda(cudaGetLastError(), "mla_combine_kernel launch");
 }
