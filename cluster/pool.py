@@ -255,6 +255,10 @@ class WorkerPool:
     def worker_states(self) -> dict[str, str]:
         return {wid: s.state for wid, s in self._slots.items()}
 
+    def trials(self) -> dict[str, str]:
+        """Worker id -> the suspect on trial there (cluster/poison.py), for workers with one."""
+        return {wid: s.trial for wid, s in self._slots.items() if s.trial is not None}
+
     def actor_of(self, worker_id: str) -> Any:
         """The actor handle currently serving worker_id (tests, diagnostics)."""
         return self._slots[worker_id].actor
