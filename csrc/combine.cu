@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) mla_combine_kernel(const _
 
 }  // namespace
 
-// pdl: launch as a programmatic dependent of the preceding kernel in the stream (the main kernel
-// triggers early, so the combine's launch overlaps its tail; griddepcontrol.wait keeps it correct).
+// pdl: launch as a programmatic dependent of the preceding kernel in the stream (the main kernel's CTAs
+// trigger as they exit, so the combine's launch overlaps the last ones; griddepcontrol.wait keeps it
+// correct).
 void launch_mla_combine(const CombineParams& params, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   const int64_t items = static_cast<int64_t>(params.b) * params.h_kv * params.rows;

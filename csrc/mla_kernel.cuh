@@ -50,8 +50,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
     cute::prefetch_tma_descriptor(&tmap);
   }
   __syncthreads();
-  // Let the combine kernel launch now; it waits (griddepcontrol.wait) for this grid's writes.
-  cutlass::arch::launch_dependent_grids();
+  // No explicit launch_dependent_grids: each CTA triggers the PDL-launched combine when it exits, which
+  // measured best (NOTES.md, session 10: triggering at entry let combine CTAs pile up behind the tail).
   const PartInfo part = load_part(p.tile_metadata, part_idx);
 
   if (threadIdx.x >= kConsumerThreads) {  // warpgroup 2: the producer (its first warp issues)
@@ -81,8 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap);
   }
-  __syncthreads();
-  cutlass::arch::launch_dependent_grids();
+  __syncthreads();  // (PDL trigger at exit, as above)
   const PartInfo part = load_part(p.tile_metadata, part_idx);
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
