@@ -16,12 +16,16 @@
 
 namespace mla {
 
-// The part's pages in order (PageCursor, in shared memory, walked by one thread); the page id is read
-// when the cursor moves, so the page-table load is off the next issue's path.
+// The part's pages in order (PageCursor, in shared memory, walked by one thread). When the cursor moves to
+// the next page of the same request, the page id comes from the page table by cp.async (cursor_next), so
+// the walking thread does not stall on that load: it calls cursor_ids_ready() before it next reads an id,
+// one page step later, when the load has long landed (a plain load stalled the lead thread of value
+// warpgroup 1 ~600 cycles a page, and with it that warpgroup's next P V: NOTES, session 12).
 __device__ __forceinline__ bool cursor_valid(const PageCursor& cur, const PartInfo& part) {
   return cur.req <= part.last_req;
 }
-// Moves to the first page of the first request at or after r that has pages in this part.
+__device__ __forceinline__ void cursor_ids_ready() { cute::cp_async_wait<0>(); }
+// Moves to the first page of the first request at or after r that has pages in this part (synchronous).
 __device__ __forceinline__ void cursor_seek(PageCursor& cur, const DecodeParams& p, const PartInfo& part, int r) {
   int req = r, lo = 0, hi = 0;
   for (; req <= part.last_req; ++req) {
@@ -36,8 +40,11 @@ __device__ __forceinline__ void cursor_next(PageCursor& cur, const DecodeParams&
   const int pg = cur.pg + 1;
   if (pg < cur.hi) {
     cur.pg = pg;
-    cur.id = __ldg(p.block_table + static_cast<int64_t>(cur.req) * p.bt_stride_b + pg);
+    const int* id = p.block_table + static_cast<int64_t>(cur.req) * p.bt_stride_b + pg;
+    cute::SM80_CP_ASYNC_CACHEALWAYS<int>::copy(*id, cur.id);
+    cute::cp_async_fence();
   } else {
+    cursor_ids_ready();  // no copy may land on cur.id after the seek's store
     cursor_seek(cur, p, part, cur.req + 1);
   }
 }
@@ -196,12 +203,14 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
     cursor_seek(next_stage, p, part, part.first_req);
     cursor_seek(next_rope, p, part, part.first_req);
     for (int k = 0; k < kTrioStages && cursor_valid(next_stage, part); ++k) {
+      cursor_ids_ready();
       trio_load_latents(tmap, s, k, 0, next_stage.id, c.head_kv);
       trio_load_latents(tmap, s, k, 1, next_stage.id, c.head_kv);
       if (k >= kTrioRopeSlots) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
       cursor_next(next_stage, p, part);
     }
     for (int k = 0; k < kTrioRopeSlots && cursor_valid(next_rope, part); ++k) {
+      cursor_ids_ready();
       trio_load_rope(tmap, s, k, next_rope.id, c.head_kv);
       cursor_next(next_rope, p, part);
     }
@@ -235,19 +244,17 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
           EmptyBarrier::arrive(&s.p_done[stage]);
         } else {
           const bool more_stage = cursor_valid(next_stage, part), more_rope = cursor_valid(next_rope, part);
+          cursor_ids_ready();
           if (more_stage) {
             trio_load_latents(tmap, s, stage, 0, next_stage.id, c.head_kv);
             trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
           }
           if (more_stage || more_rope) wait_barrier(&s.p_done[stage], parity);
-          if (more_stage) {
-            trio_load_latents(tmap, s, stage, 1, next_stage.id, c.head_kv);
-            cursor_next(next_stage, p, part);
-          }
-          if (more_rope) {
-            trio_load_rope(tmap, s, slot, next_rope.id, c.head_kv);
-            cursor_next(next_rope, p, part);
-          }
+          if (more_stage) trio_load_latents(tmap, s, stage, 1, next_stage.id, c.head_kv);
+          if (more_rope) trio_load_rope(tmap, s, slot, next_rope.id, c.head_kv);
+          // the cursors move after every issue: their page-table copies land during the next page
+          if (more_stage) cursor_next(next_stage, p, part);
+          if (more_rope) cursor_next(next_rope, p, part);
         }
       }
       __syncwarp();
