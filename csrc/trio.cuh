@@ -20,7 +20,7 @@ namespace mla {
 // the next page of the same request, the page id comes from the page table by cp.async (cursor_next), so
 // the walking thread does not stall on that load: it calls cursor_ids_ready() before it next reads an id,
 // one page step later, when the load has long landed (a plain load stalled the lead thread of value
-// warpgroup 1 ~600 cycles a page, and with it that warpgroup's next P V: NOTES, session 12).
+// warpgroup 1 for one global-load latency a page, and with it that warpgroup's next P V: NOTES, session 12).
 __device__ __forceinline__ bool cursor_valid(const PageCursor& cur, const PartInfo& part) {
   return cur.req <= part.last_req;
 }
