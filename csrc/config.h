@@ -41,10 +41,6 @@ constexpr int kTrioScorerRegs = 184;
 constexpr int kTrioIssuerRegs = 160;
 constexpr int kTrioValueRegs = 160;
 
-// The duet schedule (duet.cuh): two warpgroups and no producer (256 threads, so up to 255 registers each);
-// the pages of a request piece alternate between two page buffers, each a page of 9 chunks on 9 TMA barriers.
-constexpr int kDuetThreads = 256;
-
 // Scheduler cost model: a (request, split) costs its pages plus this many pages of fixed work
 // (Q load, epilogue, partial write + combine).
 constexpr int kFixedSplitCost = 5;

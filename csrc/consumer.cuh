@@ -45,29 +45,6 @@ __device__ __forceinline__ KeyLimits key_limits(const DecodeParams& p, const Con
   return k;
 }
 
-// A fragments (wgmma RS operand A) of Q's k-steps [kFirst, kFirst + kSteps) (16 columns each) for request
-// `req`: register 4k + e holds, for k-step kFirst + k (columns 16(kFirst + k) = c0 ..), (row a, c0 + 2q),
-// (row b, c0 + 2q), (row a, c0 + 8 + 2q), (row b, c0 + 8 + 2q) for e = 0..3, two bf16 each, q = lane % 4 (the
-// m64n64 accumulator layout, softmax.cuh). Padding rows (>= p.rows) are zero.
-template <int kFirst, int kSteps>
-__device__ __forceinline__ void load_q_frags(const DecodeParams& p, const ConsumerCtx& c, int req,
-                                             uint32_t (&qa)[4 * kSteps]) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int rg = h == 0 ? c.rg_a : c.rg_b;
-    const bool valid = rg < p.rows;
-    const int sq = valid ? rg / p.group : 0, head = c.head_kv * p.group + (valid ? rg % p.group : 0);
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(
-        p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
-        static_cast<int64_t>(head) * p.q_stride_h + 2 * (c.lane & 3));
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      qa[4 * k + h] = valid ? __ldg(row + 8 * (kFirst + k)) : 0u;
-      qa[4 * k + 2 + h] = valid ? __ldg(row + 8 * (kFirst + k) + 4) : 0u;
-    }
-  }
-}
-
 __device__ __forceinline__ void begin_request(const DecodeParams& p, SharedStorage& s, const ConsumerCtx& c,
                                               int req, float (&o)[128]) {
   consumer_sync(kBarQ);  // the previous request's S = Q K^T are done

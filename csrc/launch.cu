@@ -68,7 +68,7 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   static std::mutex mu;
-  static bool done[64][3] = {};
+  static bool done[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev][which]) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -78,11 +78,7 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
 }
 
 void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule, cudaStream_t stream) {
-  if (schedule == kSchedDuet) {
-    ensure_smem_attribute(mla_decode_duet_kernel, kDuetSmemBytes, 2);
-    mla_decode_duet_kernel<<<grid, kDuetThreads, kDuetSmemBytes, stream>>>(tmap, p);
-    check_cuda(cudaGetLastError(), "mla_decode_duet_kernel launch");
-  } else if (schedule == kSchedTrio) {
+  if (schedule == kSchedTrio) {
     ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
     mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
     check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");

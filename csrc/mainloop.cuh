@@ -139,21 +139,15 @@ __device__ __forceinline__ void qk_full_issue(float (&sacc)[32], SharedStorage& 
   qk_group_issue(sacc, s, stage, kGroupB, parity, false);
 }
 
-// The B operand of P.V for output half w (V^T, columns 256w .. 256w+255 of the page `kv`). V^T is MN-major:
-// its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB.
-__device__ __forceinline__ GMMA::DescriptorIterator vt_desc(const uint8_t* kv, int w) {
-  using namespace cute;
-  return GMMA::DescriptorIterator{GMMA::make_gmma_desc<GMMA::Major::MN>(
-      local_tile(smem_tensor(kv, SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
-}
-
 // O(64 x 256) += P(64 x 64) . V[:, 256w .. 256w+255] for output half w, P read from `p_tile` (one swizzled
-// 64 x 64 chunk), V from the page `kv`. Issues and commits one wgmma group; the caller waits.
-__device__ __forceinline__ void pv_issue(float (&o)[128], const uint8_t* p_tile, const uint8_t* kv, int w) {
+// 64 x 64 chunk), V from the page `kv`. Issues one wgmma group and waits for it.
+__device__ __forceinline__ void pv_half(float (&o)[128], const uint8_t* p_tile, const uint8_t* kv, int w) {
   using namespace cute;
   const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
       local_tile(smem_tensor(p_tile, SmemLayoutP{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
-  const GMMA::DescriptorIterator dv = vt_desc(kv, w);
+  // V^T is MN-major: its descriptor's leading offset is the 8 KB chunk step, the stride offset 1 KB
+  const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
+      local_tile(smem_tensor(kv, SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
   fence_regs(o);
   warpgroup_arrive();
 #pragma unroll
@@ -161,38 +155,8 @@ __device__ __forceinline__ void pv_issue(float (&o)[128], const uint8_t* p_tile,
     gmma<MmaPV>(o, dp[qk_step(k)], dv[vt_step(k)]);
   }
   warpgroup_commit_batch();
-}
-
-// The same with P from registers (pa: wgmma A fragments of the 64 x 64 P tile, four per 16-key step, as
-// pack_p writes them). The caller keeps pa unchanged until the group completes.
-__device__ __forceinline__ void pv_issue_rs(float (&o)[128], const uint32_t (&pa)[16], const uint8_t* kv, int w) {
-  using namespace cute;
-  const GMMA::DescriptorIterator dv = vt_desc(kv, w);
+  warpgroup_wait<0>();
   fence_regs(o);
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < kBlockN / 16; ++k) {
-    gmma_rs<MmaPVRS>(o, pa[4 * k], pa[4 * k + 1], pa[4 * k + 2], pa[4 * k + 3], dv[vt_step(k)]);
-  }
-  warpgroup_commit_batch();
-}
-
-// pv_issue, then waits for it.
-__device__ __forceinline__ void pv_half(float (&o)[128], const uint8_t* p_tile, const uint8_t* kv, int w) {
-  pv_issue(o, p_tile, kv, w);
-  cute::warpgroup_wait<0>();
-  fence_regs(o);
-}
-
-// This thread's probabilities (a 64 x 64 m64n64 accumulator, softmax.cuh) as bf16 wgmma A fragments: for
-// 16-key step k, register 4k + e = (row a, keys 16k + 2q, +1), (row b, same), (row a, 16k + 8 + 2q, +1), (row b,
-// same) for e = 0..3 -- accumulator elements 8k + 2e and 8k + 2e + 1.
-__device__ __forceinline__ void pack_p(const float (&pr)[32], uint32_t (&pa)[16]) {
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(pr[2 * i], pr[2 * i + 1]);
-    pa[i] = *reinterpret_cast<const uint32_t*>(&v);
-  }
 }
 
 // Writes this thread's probabilities (bf16) into the P tile `p_tile` (one swizzled 64 x 64 chunk): rows

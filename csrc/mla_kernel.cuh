@@ -17,7 +17,6 @@
 #include "consumer.cuh"
 #include "primitives.cuh"
 #include "solo.cuh"
-#include "duet.cuh"
 #include "trio.cuh"
 #include "tile_scheduler.h"
 #include "traits.h"
@@ -95,23 +94,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
     cutlass::arch::warpgroup_reg_dealloc<kTrioValueRegs>();
     trio_values<false>(&tmap, p, s, part, consumer_ctx(1, m_block, head_kv));
   }
-}
-
-// The duet schedule (duet.cuh): 256 threads, the two warpgroups alternate pages, no producer warpgroup.
-__global__ void __launch_bounds__(kDuetThreads, 1) mla_decode_duet_kernel(const __grid_constant__ CUtensorMap tmap,
-                                                                          const __grid_constant__ DecodeParams p) {
-  extern __shared__ uint8_t smem_raw[];
-  DuetStorage& s = *reinterpret_cast<DuetStorage*>(align_smem_1024(smem_raw));
-  if (threadIdx.x == 0) {
-    for (int b = 0; b < 2; ++b) {
-      for (int c = 0; c < kNumChunksQK; ++c) FullBarrier::init(&s.full[b][c], 1);
-    }
-    cutlass::arch::fence_barrier_init();
-    cute::prefetch_tma_descriptor(&tmap);
-  }
-  __syncthreads();  // (PDL trigger at exit, as above)
-  const PartInfo part = load_part(p.tile_metadata, blockIdx.z);
-  duet_consume(&tmap, p, s, part, consumer_ctx(threadIdx.x / 128, blockIdx.x, blockIdx.y));
 }
 
 }  // namespace mla

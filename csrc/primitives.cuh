@@ -132,7 +132,6 @@ __device__ __forceinline__ void gmma_rs(float (&d)[N], uint32_t a0, uint32_t a1,
 using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S = Q K^T
 using MmaQK64RS = GMMA::MMA_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>;   // the same, Q in registers
 using MmaPV = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;     // O half += P.V
-using MmaPVRS = GMMA::MMA_64x256x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::MN>;   // the same, P in registers
 
 // Keeps the compiler from moving accumulator (or A-fragment) reads/writes across wgmma issue / wait.
 template <class T, int N>

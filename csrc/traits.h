@@ -60,26 +60,6 @@ struct TrioStorage {
 constexpr int kTrioSmemBytes = sizeof(TrioStorage) + 1024;
 static_assert(kTrioSmemBytes <= 227 * 1024, "trio shared memory exceeds the sm_90 per-block limit");
 
-// Shared memory of the duet schedule (duet.cuh): Q's latent columns (its RoPE chunk lives in registers), the
-// two page buffers (page k of a request piece in buffer k % 2), and the two pages' P tiles.
-struct DuetStorage {
-  // (64 rows, 512) bf16 as 8 swizzled chunks: Q columns 0..511 of the tile's query rows
-  alignas(1024) uint8_t q[kNumChunksV * kChunkBytes];
-  // [buffer] (64 tokens, 576) bf16 as 9 swizzled chunks: one page; V = chunks 0..7
-  alignas(1024) uint8_t kv[2][kTileBytesQK];
-  // (64 rows, 64 keys) bf16, one swizzled chunk each: P of the pair's even page (warpgroup 0 -> 1, already
-  // on the pair's final row max) and of its odd page (warpgroup 1 -> 0)
-  alignas(1024) uint8_t p_even[kChunkBytes];
-  alignas(1024) uint8_t p_odd[kChunkBytes];
-  float row_max[kBlockM];     // the running row max M (raw scores), updated by the even page, then the odd
-  float scale_even[kBlockM];  // the pair's factor 2^((M_before - M_even) * scale_log2)
-  float scale_odd[kBlockM];   // 2^((M_even - M_odd) * scale_log2); 1 when the pair has no odd page
-  float row_sum[2][kBlockM];  // [warpgroup][row]: its share of the row sums, at a piece's end
-  alignas(8) uint64_t full[2][kNumChunksQK];  // [buffer][chunk]: TMA bytes landed
-};
-constexpr int kDuetSmemBytes = sizeof(DuetStorage) + 1024;
-static_assert(kDuetSmemBytes <= 227 * 1024, "duet shared memory exceeds the sm_90 per-block limit");
-
 struct DecodeParams {
   // q: [b, s_q, h_q, 576] bf16, last dim contiguous; strides in elements
   const uint16_t* q;

@@ -72,7 +72,28 @@ __device__ __forceinline__ void trio_prefetch_rope(const CUtensorMap* tmap, int 
   cute::SM90_TMA_LOAD_4D::PREFETCH::copy(tmap, kNumChunksV * kChunkCols, 0, head_kv, page);
 }
 
-constexpr int kTrioQRegSteps = kTrioQRegChunks * kChunkCols / 16;  // 28 k-steps: Q's first 448 columns
+// The scorer's A fragments of Q's first 448 columns for request `req`: register 4k + e holds, for k-step k
+// (columns 16k..16k+15), (row a, 16k + 2q), (row b, 16k + 2q), (row a, 16k + 8 + 2q), (row b, 16k + 8 + 2q)
+// for e = 0..3, two bf16 each, q = lane % 4 (the m64n64 accumulator layout, softmax.cuh). Padding rows
+// (>= p.rows) are zero.
+constexpr int kTrioQRegSteps = kTrioQRegChunks * kChunkCols / 16;  // 28 k-steps
+__device__ __forceinline__ void load_q_regs(const DecodeParams& p, const ConsumerCtx& c, int req,
+                                            uint32_t (&qa)[4 * kTrioQRegSteps]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rg = h == 0 ? c.rg_a : c.rg_b;
+    const bool valid = rg < p.rows;
+    const int sq = valid ? rg / p.group : 0, head = c.head_kv * p.group + (valid ? rg % p.group : 0);
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(
+        p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
+        static_cast<int64_t>(head) * p.q_stride_h + 2 * (c.lane & 3));
+#pragma unroll
+    for (int k = 0; k < kTrioQRegSteps; ++k) {
+      qa[4 * k + h] = valid ? __ldg(row + 8 * k) : 0u;
+      qa[4 * k + 2 + h] = valid ? __ldg(row + 8 * k + 4) : 0u;
+    }
+  }
+}
 
 // S(64 x 64) = Q K^T of page it: latent group L as RS k-steps (A = qa) once its bytes land, group R (RS for
 // chunks 4..6, SS with A = Q chunk 7 from s.q_tail for chunk 7), then the RoPE chunk of `slot` (SS, A = Q
@@ -113,7 +134,7 @@ __device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[
 // Warpgroup 0. s.fin[parity] holds a request's final row sums and maxima for the value warpgroups.
 __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s, const PartInfo& part,
                                            const ConsumerCtx& c) {
-  uint32_t qa[4 * kTrioQRegSteps];  // Q's first 448 columns, A fragments (load_q_frags)
+  uint32_t qa[4 * kTrioQRegSteps];  // Q's first 448 columns, A fragments (load_q_regs)
   float sacc[32];    // S of one page, then its probabilities
   int it = 0, nreq = 0;
   for (int req = part.first_req; req <= part.last_req; ++req) {
@@ -122,7 +143,7 @@ __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s
     if (!part_pages(part, req, len, lo, hi)) continue;
     // The previous request's S are all done (each page waits for its own): Q may be replaced.
     load_q_chunks<kTrioQRegChunks, kTrioQTailChunks, 128>(p, s.q_tail, req, c.m_block, c.head_kv, c.t);
-    load_q_frags<0, kTrioQRegSteps>(p, c, req, qa);
+    load_q_regs(p, c, req, qa);
     cute::cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();
     own_warpgroup_sync(kBarScorer);

@@ -30,7 +30,7 @@ and ours and the peer against the float32 reference on the first --ref-requests 
 Variants of ours (--variants, timed in the same passes; the first is the one the ratio is for):
   ours      the default build and knobs        pdl0     MLASERVE_MLA_PDL=0 (combine not overlapped)
   even / pack / auto   MLASERVE_MLA_SCHED      nosplit  a host plan that splits no request
-  solo / trio / duet   MLASERVE_MLA_CONSUMER (consumer schedule forced on every row; each row line
+  solo / trio          MLASERVE_MLA_CONSUMER (consumer schedule forced on every row; each row line
                        names the schedule every variant ran: "sched ours=trio ...")
   NAME:VAR=VAL[,VAR=VAL]  any of sm90.KNOBS
 The serving grid times ours, pdl0 and nosplit by default and prints how many requests our plan splits;
@@ -98,7 +98,6 @@ BUILTIN_VARIANTS: dict[str, tuple[dict[str, str], str | None]] = {
     "nosplit": ({}, "nosplit"),
     "solo": ({"MLASERVE_MLA_CONSUMER": "solo"}, None),
     "trio": ({"MLASERVE_MLA_CONSUMER": "trio"}, None),
-    "duet": ({"MLASERVE_MLA_CONSUMER": "duet"}, None),
 }
 
 
