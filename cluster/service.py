@@ -262,6 +262,20 @@ _ERROR_CODES: tuple[tuple[type[ClusterError], grpc.StatusCode], ...] = (
 )
 
 
+# A client whose deadline passes cancels its call, and that cancel can reach the server before the
+# server's copy of the deadline passes: the server's deadline started when the grpc-timeout header
+# arrived, a little after the client's did, and its clock is not the client's. A cancel this close
+# to the deadline is counted as the deadline's.
+DEADLINE_SLACK_S = 0.1
+
+
+def cancellation_code(time_remaining: float | None) -> grpc.StatusCode:
+    """The status of a cancelled RPC: DEADLINE_EXCEEDED at (or within the slack of) its deadline."""
+    if time_remaining is not None and time_remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def status_code_for(error: BaseException) -> grpc.StatusCode:
     for cls, code in _ERROR_CODES:
         if isinstance(error, cls):
@@ -363,12 +377,7 @@ class DecoderService(pb_grpc.DecoderServicer):
             assert finished  # the core raises when the pool's stream ends without a final delta
             return None if stream else acc.result()
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
-                else grpc.StatusCode.CANCELLED
-            )
+            code = cancellation_code(context.time_remaining())
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status code
             code = status_code_for(e)

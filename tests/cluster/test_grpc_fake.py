@@ -21,7 +21,7 @@ import pytest
 from mlaserve.cluster.client import DecoderClient
 from mlaserve.cluster.errors import Draining, InvalidRequest, QueueFull
 from mlaserve.cluster.server import GatewayServer, ServerConfig
-from mlaserve.cluster.service import SERVICE_NAME, ServiceLimits
+from mlaserve.cluster.service import DEADLINE_SLACK_S, SERVICE_NAME, ServiceLimits, cancellation_code
 from mlaserve.cluster.types import ClusterDelta, GenerationRequest, WorkerStatus
 from mlaserve.worker.load import WorkerLoad
 from mlaserve.worker.types import FinishReason, RequestDelta, SamplingParams, Usage
@@ -360,6 +360,21 @@ def test_cancel_and_deadline_close_the_pool_stream_and_free_pages():
             await server.stop()
 
     run(body())
+
+
+@pytest.mark.parametrize(
+    ("remaining", "code"),
+    [
+        (None, grpc.StatusCode.CANCELLED),  # no deadline: only the client can have cancelled
+        (5.0, grpc.StatusCode.CANCELLED),
+        (DEADLINE_SLACK_S * 1.01, grpc.StatusCode.CANCELLED),
+        (DEADLINE_SLACK_S, grpc.StatusCode.DEADLINE_EXCEEDED),  # the client's deadline fired first
+        (0.003, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_a_cancel_at_the_deadline_counts_as_the_deadline(remaining, code):
+    assert cancellation_code(remaining) is code
 
 
 def test_message_size_limit_and_cluster_status():
