@@ -27,17 +27,16 @@ constexpr int kThreads = 128 * (kNumConsumerWG + 1);  // 384
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 
-// The trio schedule (trio.cuh): warpgroup 0 (the scorer) keeps Q's chunks 1..6 in registers as wgmma A
-// fragments (96 per thread) and loads chunk 0, then chunk 7, into 16 more for each page's S (L1 hits), and
-// computes S and the softmax; warpgroups 1 and 2 (the value warpgroups) each own one 256-column output half;
-// warpgroup 1 also issues the TMA loads. No producer warpgroup: 184 + 2 x 160 registers = the entry
-// 3 x 168. Three stages of latents (chunks 0..7, in two groups on their own full barriers: L = V columns
-// 0..255, R = 256..511) and three slots of RoPE chunks (page i's in slot i % 3, then its P), so a page's
-// RoPE chunk loads with its latents; Q's RoPE chunk stays in shared memory.
+// The trio schedule (trio.cuh): warpgroup 0 (the scorer) keeps Q's first 448 columns in registers as
+// wgmma A fragments (112 per thread) and computes S and the softmax; warpgroups 1 and 2 (the value
+// warpgroups) each own one 256-column output half; warpgroup 1 also issues the TMA loads. No producer
+// warpgroup: 184 + 2 x 160 registers = the entry 3 x 168. Three stages of latents (chunks 0..7, in two
+// groups on their own full barriers: L = V columns 0..255, R = 256..511) and two slots of RoPE chunks,
+// which is what leaves room in shared memory for Q's last two chunks.
 constexpr int kTrioStages = 3;
-constexpr int kTrioRopeSlots = 3;
-constexpr int kTrioQHeldChunks = 6;  // Q chunks 1..6 in the scorer's registers for a whole request piece
-constexpr int kTrioQTailChunks = 1;  // Q chunk 8 (RoPE) in shared memory
+constexpr int kTrioRopeSlots = 2;
+constexpr int kTrioQRegChunks = 7;   // Q chunks 0..6 in the scorer's registers
+constexpr int kTrioQTailChunks = 2;  // Q chunks 7, 8 in shared memory
 constexpr int kTrioScorerRegs = 184;
 constexpr int kTrioIssuerRegs = 160;
 constexpr int kTrioValueRegs = 160;

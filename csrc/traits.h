@@ -36,15 +36,16 @@ struct PageCursor {
   int req, pg, hi, id;
 };
 
-// Shared memory of the trio schedule (config.h): three pages of latents, three of RoPE chunks, the Q tile's
-// RoPE chunk (the rest is in the scorer's registers); a page's P lives in its own RoPE slot once S is done.
+// Shared memory of the trio schedule (config.h): three pages of latents, two of RoPE chunks, the Q tile's
+// last two chunks (the rest is in the scorer's registers); a page's P lives in its own RoPE slot once S is
+// done.
 struct TrioStorage {
   // [stage] (64 tokens, 512) bf16 as 8 swizzled chunks: a page's latents (K columns 0..511 = V); page i in
   // stage i % 3
   alignas(1024) uint8_t kv[kTrioStages][kNumChunksV * kChunkBytes];
-  // [slot] (64 tokens, 64) bf16, one swizzled chunk: page i's RoPE columns in slot i % 3, then its P (64 x 64)
+  // [slot] (64 tokens, 64) bf16, one swizzled chunk: page i's RoPE columns in slot i % 2, then its P (64 x 64)
   alignas(1024) uint8_t rope[kTrioRopeSlots][kChunkBytes];
-  // (64 rows, 64) bf16, one swizzled chunk: Q columns 512..575 (the A operand of S's RoPE k-steps)
+  // (64 rows, 128) bf16 as 2 swizzled chunks: Q columns 448..575 (the A operand of S's last 8 k-steps)
   alignas(1024) uint8_t q_tail[kTrioQTailChunks * kChunkBytes];
   float alpha[kTrioStages][kBlockM];  // [stage][row]: the page's O rescale factors (scorer -> value WGs)
   float fin[2][2][kBlockM];           // [request parity][0: row sum, 1: row max] at a request's last page
@@ -53,7 +54,8 @@ struct TrioStorage {
   alignas(8) uint64_t p_full[kTrioStages];  // scorer: the page's P and rescale factors are written
   alignas(8) uint64_t p_done[kTrioStages];  // value warpgroup 2: done with the page (it may reload)
   alignas(8) uint64_t fin_free[2];          // value WGs: fin[parity] read
-  PageCursor next_page;                     // the issuing thread's next page to load (stage and RoPE slot)
+  PageCursor next_stage;                    // the issuing thread's next page to load into a stage
+  PageCursor next_rope;                     // ... and into a RoPE slot
 };
 constexpr int kTrioSmemBytes = sizeof(TrioStorage) + 1024;
 static_assert(kTrioSmemBytes <= 227 * 1024, "trio shared memory exceeds the sm_90 per-block limit");

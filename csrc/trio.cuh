@@ -1,14 +1,13 @@
 // The "trio" schedule: three warpgroups, three stages, no producer warpgroup (config.h).
-//   scorer (warpgroup 0): Q's chunks 1..6 in registers (wgmma A fragments), chunks 0 and 7 loaded into 16
-//     more for each page (one after the other), the RoPE chunk in shared memory; per page S = Q K^T (32 RS +
-//     4 SS m64n64k16), mask, online softmax, P (bf16) into the page's RoPE slot and the rescale factors into
-//     s.alpha[stage]; then straight on to the next page: it never waits for a P V.
+//   scorer (warpgroup 0): Q's first 448 columns in registers (wgmma A fragments), its last two chunks in
+//     shared memory; per page S = Q K^T (28 RS + 8 SS m64n64k16), mask, online softmax, P (bf16) into the
+//     page's RoPE slot and the rescale factors into s.alpha[stage]; then straight on to the next page: it
+//     never waits for a P V.
 //   value warpgroups 1 and 2: output half h (256 columns) += P V_h (m64n256k16, SS), following the
-//     scorer; after each page, one thread of warpgroup 1 reloads the page's stage and RoPE slot with the
-//     page three places ahead (TMA).
+//     scorer; after each page, one thread of warpgroup 1 reloads the stage with the page three places
+//     ahead and the RoPE slot with the page two places ahead (TMA).
 // The tensor pipe runs the value warpgroups' P V while the scorer does its softmax; S reads mostly Q from
-// registers; three stages keep a page loading while two are in use. With three RoPE slots a page's slot is
-// its own from its load to the end of its P V, so S never waits for a slot that a P V still holds.
+// registers; three stages keep a page loading while two are in use.
 #pragma once
 #include <cmath>
 
@@ -66,50 +65,41 @@ __device__ __forceinline__ void trio_load_rope(const CUtensorMap* tmap, TrioStor
                                                int head_kv) {
   trio_load_chunks(tmap, &s.rope_full[slot], s.rope[slot], kNumChunksV, 1, page, head_kv);
 }
-// The scorer's A fragments of Q's k-steps k0 .. k0 + n - 1 (columns 16 k0 .. 16 (k0 + n) - 1) for request
-// `req`: register 4k + e holds, for k-step k0 + k, (row a, 16k + 2q), (row b, 16k + 2q), (row a, 16k + 8 + 2q),
-// (row b, 16k + 8 + 2q) for e = 0..3, two bf16 each, q = lane % 4 (the m64n64 accumulator layout,
-// softmax.cuh). Padding rows (>= p.rows) are zero.
-constexpr int kChunkSteps = kChunkCols / 16;                         // k-steps per chunk
-constexpr int kTrioQHeldFirst = kChunkSteps;                         // chunk 0 is loaded per page
-constexpr int kTrioQHeldSteps = kTrioQHeldChunks * kChunkSteps;      // 24 k-steps, held for a request piece
-// This thread's two Q rows (a, b) of request `req` as 32-bit words from column 2q; a padding row (>= p.rows)
-// points at row 0 and reads as zero (valid_a / valid_b).
-struct QRows {
-  const uint32_t* a;
-  const uint32_t* b;
-};
-__device__ __forceinline__ const uint32_t* q_row(const DecodeParams& p, const ConsumerCtx& c, int req, int rg) {
-  const bool valid = rg < p.rows;
-  const int sq = valid ? rg / p.group : 0, head = c.head_kv * p.group + (valid ? rg % p.group : 0);
-  return reinterpret_cast<const uint32_t*>(p.q + static_cast<int64_t>(req) * p.q_stride_b +
-                                           static_cast<int64_t>(sq) * p.q_stride_s +
-                                           static_cast<int64_t>(head) * p.q_stride_h + 2 * (c.lane & 3));
+// With two RoPE slots a page's RoPE chunk can be requested only one page before S needs it (its slot holds
+// the page two places back until both value warpgroups have read that page's P): prefetch it into L2 when
+// the page's latents are requested, so that the later load is an L2 hit.
+__device__ __forceinline__ void trio_prefetch_rope(const CUtensorMap* tmap, int page, int head_kv) {
+  cute::SM90_TMA_LOAD_4D::PREFETCH::copy(tmap, kNumChunksV * kChunkCols, 0, head_kv, page);
 }
-__device__ __forceinline__ QRows q_rows(const DecodeParams& p, const ConsumerCtx& c, int req) {
-  return QRows{q_row(p, c, req, c.rg_a), q_row(p, c, req, c.rg_b)};
-}
-template <int k0, int n>
-__device__ __forceinline__ void load_q_frags(const DecodeParams& p, const ConsumerCtx& c, const QRows& rows,
-                                             uint32_t (&qa)[4 * n]) {
-  const bool valid_a = c.rg_a < p.rows, valid_b = c.rg_b < p.rows;
+
+// The scorer's A fragments of Q's first 448 columns for request `req`: register 4k + e holds, for k-step k
+// (columns 16k..16k+15), (row a, 16k + 2q), (row b, 16k + 2q), (row a, 16k + 8 + 2q), (row b, 16k + 8 + 2q)
+// for e = 0..3, two bf16 each, q = lane % 4 (the m64n64 accumulator layout, softmax.cuh). Padding rows
+// (>= p.rows) are zero.
+constexpr int kTrioQRegSteps = kTrioQRegChunks * kChunkCols / 16;  // 28 k-steps
+__device__ __forceinline__ void load_q_regs(const DecodeParams& p, const ConsumerCtx& c, int req,
+                                            uint32_t (&qa)[4 * kTrioQRegSteps]) {
 #pragma unroll
-  for (int k = 0; k < n; ++k) {
-    qa[4 * k + 0] = valid_a ? __ldg(rows.a + 8 * (k0 + k)) : 0u;
-    qa[4 * k + 1] = valid_b ? __ldg(rows.b + 8 * (k0 + k)) : 0u;
-    qa[4 * k + 2] = valid_a ? __ldg(rows.a + 8 * (k0 + k) + 4) : 0u;
-    qa[4 * k + 3] = valid_b ? __ldg(rows.b + 8 * (k0 + k) + 4) : 0u;
+  for (int h = 0; h < 2; ++h) {
+    const int rg = h == 0 ? c.rg_a : c.rg_b;
+    const bool valid = rg < p.rows;
+    const int sq = valid ? rg / p.group : 0, head = c.head_kv * p.group + (valid ? rg % p.group : 0);
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(
+        p.q + static_cast<int64_t>(req) * p.q_stride_b + static_cast<int64_t>(sq) * p.q_stride_s +
+        static_cast<int64_t>(head) * p.q_stride_h + 2 * (c.lane & 3));
+#pragma unroll
+    for (int k = 0; k < kTrioQRegSteps; ++k) {
+      qa[4 * k + h] = valid ? __ldg(row + 8 * k) : 0u;
+      qa[4 * k + 2 + h] = valid ? __ldg(row + 8 * k + 4) : 0u;
+    }
   }
 }
 
-// S(64 x 64) = Q K^T of page it, all RS but the RoPE chunk: Q chunk 0 from qt (loaded here), chunks 1..6 from
-// qa, then once chunk 0's k-steps are done (wait for all but the last group) chunk 7 into the same qt, then
-// the RoPE chunk of `slot` (SS, A = Q chunk 8 from s.q_tail). Latent groups L (chunks 0..3) and R (4..7) wait
-// for their own bytes. Leaves one wgmma group in flight; the caller waits.
-__device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[4 * kTrioQHeldSteps],
-                                        uint32_t (&qt)[4 * kChunkSteps], const DecodeParams& p, const ConsumerCtx& c,
-                                        const QRows& qrows, TrioStorage& s, int stage, int slot,
-                                        uint32_t stage_parity, uint32_t slot_parity) {
+// S(64 x 64) = Q K^T of page it: latent group L as RS k-steps (A = qa) once its bytes land, group R (RS for
+// chunks 4..6, SS with A = Q chunk 7 from s.q_tail for chunk 7), then the RoPE chunk of `slot` (SS, A = Q
+// chunk 8). Issues one wgmma group; the caller waits.
+__device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[4 * kTrioQRegSteps], TrioStorage& s,
+                                        int stage, int slot, uint32_t stage_parity, uint32_t slot_parity) {
   using namespace cute;
   const GMMA::DescriptorIterator dk{GMMA::make_gmma_desc<GMMA::Major::K>(
       local_tile(smem_tensor(s.kv[stage], SmemLayoutQK{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
@@ -117,46 +107,26 @@ __device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[
       local_tile(smem_tensor(s.rope[slot], SmemLayoutP{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
   const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
       local_tile(smem_tensor(s.q_tail, SmemLayoutQK{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
-  constexpr int kLatentSteps = kNumChunksV * kChunkSteps;  // 32
-  static_assert(kTrioQHeldFirst == kChunkSteps && kTrioQHeldFirst + kTrioQHeldSteps == kLatentSteps - kChunkSteps,
-                "S's latent k-steps: chunk 0 (qt), the held chunks 1..6 (qa), chunk 7 (qt)");
-  load_q_frags<0, kChunkSteps>(p, c, qrows, qt);
-  fence_regs(qt);
-  wait_barrier(&s.full_bar[stage][0], stage_parity);
-  warpgroup_arrive();
+  constexpr int kSteps = kChunkCols / 16;  // k-steps per chunk
 #pragma unroll
-  for (int k = 0; k < kChunkSteps; ++k) {
-    gmma_rs<MmaQK64RS>(sacc, qt[4 * k], qt[4 * k + 1], qt[4 * k + 2], qt[4 * k + 3], dk[qk_step(k)],
-                       k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One);
-  }
-  warpgroup_commit_batch();
+  for (int g = 0; g < 2; ++g) {
+    wait_barrier(&s.full_bar[stage][g], stage_parity);
+    warpgroup_arrive();
 #pragma unroll
-  for (int k = kTrioQHeldFirst; k < kTrioQHeldFirst + kTrioQHeldSteps; ++k) {
-    if (k == 4 * kChunkSteps) {
-      wait_barrier(&s.full_bar[stage][1], stage_parity);
-      warpgroup_arrive();
+    for (int k = 4 * g * kSteps; k < 4 * (g + 1) * kSteps; ++k) {
+      if (k < kTrioQRegSteps) {
+        gmma_rs<MmaQK64RS>(sacc, qa[4 * k], qa[4 * k + 1], qa[4 * k + 2], qa[4 * k + 3], dk[qk_step(k)],
+                           k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One);
+      } else {
+        gmma<MmaQK64>(sacc, dq[qk_step(k - kTrioQRegSteps)], dk[qk_step(k)]);
+      }
     }
-    const int kh = k - kTrioQHeldFirst;
-    gmma_rs<MmaQK64RS>(sacc, qa[4 * kh], qa[4 * kh + 1], qa[4 * kh + 2], qa[4 * kh + 3], dk[qk_step(k)],
-                       GMMA::ScaleOut::One);
-  }
-  warpgroup_commit_batch();
-  cute::warpgroup_wait<1>();  // chunk 0's k-steps are done: qt may take chunk 7
-  fence_regs(qt);
-  load_q_frags<kLatentSteps - kChunkSteps, kChunkSteps>(p, c, qrows, qt);
-  fence_regs(qt);
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = kLatentSteps - kChunkSteps; k < kLatentSteps; ++k) {
-    const int kt = k - (kLatentSteps - kChunkSteps);
-    gmma_rs<MmaQK64RS>(sacc, qt[4 * kt], qt[4 * kt + 1], qt[4 * kt + 2], qt[4 * kt + 3], dk[qk_step(k)],
-                       GMMA::ScaleOut::One);
   }
   wait_barrier(&s.rope_full[slot], slot_parity);
   warpgroup_arrive();
 #pragma unroll
-  for (int kk = 0; kk < kChunkSteps; ++kk) {
-    gmma<MmaQK64>(sacc, dq[qk_step(kk)], dr[qk_step(kk)]);
+  for (int kk = 0; kk < kSteps; ++kk) {
+    gmma<MmaQK64>(sacc, dq[qk_step(kSteps + kk)], dr[qk_step(kk)]);
   }
   warpgroup_commit_batch();
 }
@@ -164,8 +134,7 @@ __device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[
 // Warpgroup 0. s.fin[parity] holds a request's final row sums and maxima for the value warpgroups.
 __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s, const PartInfo& part,
                                            const ConsumerCtx& c) {
-  uint32_t qa[4 * kTrioQHeldSteps];  // Q's columns 64..447 (chunks 1..6), A fragments (load_q_frags)
-  uint32_t qt[4 * kChunkSteps];      // Q's chunk 0, then chunk 7, for each page's S (trio_qk)
+  uint32_t qa[4 * kTrioQRegSteps];  // Q's first 448 columns, A fragments (load_q_regs)
   float sacc[32];    // S of one page, then its probabilities
   int it = 0, nreq = 0;
   for (int req = part.first_req; req <= part.last_req; ++req) {
@@ -173,9 +142,8 @@ __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s
     int lo, hi;
     if (!part_pages(part, req, len, lo, hi)) continue;
     // The previous request's S are all done (each page waits for its own): Q may be replaced.
-    load_q_chunks<kNumChunksV, kTrioQTailChunks, 128>(p, s.q_tail, req, c.m_block, c.head_kv, c.t);
-    const QRows qrows = q_rows(p, c, req);
-    load_q_frags<kTrioQHeldFirst, kTrioQHeldSteps>(p, c, qrows, qa);
+    load_q_chunks<kTrioQRegChunks, kTrioQTailChunks, 128>(p, s.q_tail, req, c.m_block, c.head_kv, c.t);
+    load_q_regs(p, c, req, qa);
     cute::cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();
     own_warpgroup_sync(kBarScorer);
@@ -184,10 +152,9 @@ __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s
     RowState st = empty_row_state();
     for (int pg = lo; pg < hi; ++pg, ++it) {
       const int stage = it % kTrioStages, slot = it % kTrioRopeSlots;
-      trio_qk(sacc, qa, qt, p, c, qrows, s, stage, slot, (it / kTrioStages) & 1, (it / kTrioRopeSlots) & 1);
+      trio_qk(sacc, qa, s, stage, slot, (it / kTrioStages) & 1, (it / kTrioRopeSlots) & 1);
       cute::warpgroup_wait<0>();
       fence_regs(sacc);
-      fence_regs(qt);  // S has read them: the next page's loads may overwrite them
       if (pg * kPageSize + kPageSize > mask_from) {
         const KeyLimits lim = key_limits(p, c, len);
         mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), lim.a, lim.b);
@@ -221,8 +188,8 @@ __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s
 }
 
 // Warpgroups 1 and 2 (c.w = output half h). kIssuer (half 0): its thread t = 0 reloads, after page it, the
-// page's stage and RoPE slot with page it + 3 (group L once its own P V is done; group R and the RoPE chunk,
-// which holds P, once half 1 is done too: s.p_done). Half 1 carries no load code.
+// stage with page it + 3 (group L once its own P V is done, group R once half 1 is done too: s.p_done) and
+// the RoPE slot with page it + 2 (once both have read P). Half 1 carries no load code.
 template <bool kIssuer>
 __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const DecodeParams& p, TrioStorage& s,
                                             const PartInfo& part, const ConsumerCtx& c) {
@@ -230,16 +197,22 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
   constexpr NamedBarrierId own = kIssuer ? kBarValue0 : kBarValue1;
   const bool lead = c.t == 0;
   // in shared memory: registers are this warpgroup's scarcest resource
-  PageCursor& next = s.next_page;
-  static_assert(kTrioRopeSlots == kTrioStages, "a page's stage and RoPE slot are refilled together");
+  PageCursor& next_stage = s.next_stage;
+  PageCursor& next_rope = s.next_rope;
   if (kIssuer && lead) {
-    cursor_seek(next, p, part, part.first_req);
-    for (int k = 0; k < kTrioStages && cursor_valid(next, part); ++k) {
+    cursor_seek(next_stage, p, part, part.first_req);
+    cursor_seek(next_rope, p, part, part.first_req);
+    for (int k = 0; k < kTrioStages && cursor_valid(next_stage, part); ++k) {
       cursor_ids_ready();
-      trio_load_latents(tmap, s, k, 0, next.id, c.head_kv);
-      trio_load_latents(tmap, s, k, 1, next.id, c.head_kv);
-      trio_load_rope(tmap, s, k, next.id, c.head_kv);
-      cursor_next(next, p, part);
+      trio_load_latents(tmap, s, k, 0, next_stage.id, c.head_kv);
+      trio_load_latents(tmap, s, k, 1, next_stage.id, c.head_kv);
+      if (k >= kTrioRopeSlots) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
+      cursor_next(next_stage, p, part);
+    }
+    for (int k = 0; k < kTrioRopeSlots && cursor_valid(next_rope, part); ++k) {
+      cursor_ids_ready();
+      trio_load_rope(tmap, s, k, next_rope.id, c.head_kv);
+      cursor_next(next_rope, p, part);
     }
   }
   __syncwarp();
@@ -252,7 +225,7 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     for (int pg = lo; pg < hi; ++pg, ++it) {
-      const int stage = it % kTrioStages;  // = the page's RoPE slot
+      const int stage = it % kTrioStages, slot = it % kTrioRopeSlots;
       const uint32_t parity = (it / kTrioStages) & 1;
       uint8_t* kv = s.kv[stage];
       wait_barrier(&s.p_full[stage], parity);
@@ -264,21 +237,24 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
       const float alpha_a = s.alpha[stage][c.row_a];
       const float alpha_b = s.alpha[stage][c.row_a + 8];
       rescale_rows(o, alpha_a, alpha_b);
-      pv_half(o, s.rope[stage], kv, h);
+      pv_half(o, s.rope[slot], kv, h);
       own_warpgroup_sync(own);  // every warp's P V of this page is done
       if (lead) {
         if (!kIssuer) {
           EmptyBarrier::arrive(&s.p_done[stage]);
         } else {
-          if (cursor_valid(next, part)) {
-            cursor_ids_ready();
-            trio_load_latents(tmap, s, stage, 0, next.id, c.head_kv);
-            wait_barrier(&s.p_done[stage], parity);
-            trio_load_latents(tmap, s, stage, 1, next.id, c.head_kv);
-            trio_load_rope(tmap, s, stage, next.id, c.head_kv);
-            // the cursor moves after the issues: its page-table copy lands during the next page
-            cursor_next(next, p, part);
+          const bool more_stage = cursor_valid(next_stage, part), more_rope = cursor_valid(next_rope, part);
+          cursor_ids_ready();
+          if (more_stage) {
+            trio_load_latents(tmap, s, stage, 0, next_stage.id, c.head_kv);
+            trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
           }
+          if (more_stage || more_rope) wait_barrier(&s.p_done[stage], parity);
+          if (more_stage) trio_load_latents(tmap, s, stage, 1, next_stage.id, c.head_kv);
+          if (more_rope) trio_load_rope(tmap, s, slot, next_rope.id, c.head_kv);
+          // the cursors move after every issue: their page-table copies land during the next page
+          if (more_stage) cursor_next(next_stage, p, part);
+          if (more_rope) cursor_next(next_rope, p, part);
         }
       }
       __syncwarp();
