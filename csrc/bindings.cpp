@@ -24,8 +24,8 @@ void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int s
 }
 
 void check_schedule(int schedule) {
-  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrioMc) {
-    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo), 2 (trio) or 3 (triomc), got " +
+  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
+    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
                                 std::to_string(schedule));
   }
 }

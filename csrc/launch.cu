@@ -68,7 +68,7 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   static std::mutex mu;
-  static bool done[64][3] = {};
+  static bool done[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev][which]) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -77,56 +77,10 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   }
 }
 
-// Clusters of two trio CTAs that the device can hold at once (with trio's shared memory), per device.
-int trio_cluster_capacity(const dim3& grid, cudaStream_t stream) {
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  static std::mutex mu;
-  static int cached[64] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kTrioSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  int n = 0;
-  check_cuda(cudaOccupancyMaxActiveClusters(&n, mla_decode_trio_kernel<true>, &cfg),
-             "cudaOccupancyMaxActiveClusters(trio)");
-  if (dev >= 0 && dev < 64) cached[dev] = n;
-  return n;
-}
-
 void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule, cudaStream_t stream) {
-  if (schedule == kSchedTrioMc && grid.x % 2 == 0) {
-    ensure_smem_attribute(mla_decode_trio_kernel<true>, kTrioSmemBytes, 2);
-    if (static_cast<int64_t>(grid.x / 2) * grid.y * grid.z <= trio_cluster_capacity(grid, stream)) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = grid;
-      cfg.blockDim = dim3(kThreads);
-      cfg.dynamicSmemBytes = kTrioSmemBytes;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      check_cuda(cudaLaunchKernelEx(&cfg, mla_decode_trio_kernel<true>, tmap, p), "mla_decode_trio_kernel<mc> launch");
-      return;
-    }
-  }
-  if (schedule == kSchedTrio || schedule == kSchedTrioMc) {
-    ensure_smem_attribute(mla_decode_trio_kernel<false>, kTrioSmemBytes, 1);
-    mla_decode_trio_kernel<false><<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
+  if (schedule == kSchedTrio) {
+    ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
+    mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
     check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
   } else {
     ensure_smem_attribute(mla_decode_kernel, kSmemBytes, 0);

@@ -64,9 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 }
 
 // The trio schedule (trio.cuh), auto above 64 query rows per KV head: same grid and threads; warpgroup 0
-// scores, warpgroups 1 and 2 add P V and issue the loads. kMc: launched in clusters of two along m_block
-// (launch.cu), the pair's CTAs share every page load (trio_values).
-template <bool kMc>
+// scores, warpgroups 1 and 2 add P V and issue the loads.
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                       const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -75,19 +73,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
   if (threadIdx.x == 0) {
     for (int i = 0; i < kTrioStages; ++i) {
       for (int g = 0; g < 2; ++g) FullBarrier::init(&s.full_bar[i][g], 1);
-      EmptyBarrier::init(&s.p_full[i], 128);        // the scorer's threads
-      EmptyBarrier::init(&s.p_done[i], kMc ? 3 : 1);  // value WG 2's lead (+ kMc: the peer's two leads)
+      EmptyBarrier::init(&s.p_full[i], 128);  // the scorer's threads
+      EmptyBarrier::init(&s.p_done[i], 1);    // value warpgroup 2's lead thread
     }
     for (int i = 0; i < kTrioRopeSlots; ++i) FullBarrier::init(&s.rope_full[i], 1);
     for (int i = 0; i < 2; ++i) EmptyBarrier::init(&s.fin_free[i], 256);  // both value warpgroups
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap);
   }
-  if constexpr (kMc) {
-    cute::cluster_sync();  // the peer's barriers are initialized before any multicast or remote arrive
-  } else {
-    __syncthreads();  // (PDL trigger at exit, as above)
-  }
+  __syncthreads();  // (PDL trigger at exit, as above)
   const PartInfo part = load_part(p.tile_metadata, part_idx);
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -95,12 +89,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
     trio_score(p, s, part, consumer_ctx(0, m_block, head_kv));
   } else if (wg == 1) {
     cutlass::arch::warpgroup_reg_dealloc<kTrioIssuerRegs>();
-    trio_values<true, kMc>(&tmap, p, s, part, consumer_ctx(0, m_block, head_kv));
+    trio_values<true>(&tmap, p, s, part, consumer_ctx(0, m_block, head_kv));
   } else {
     cutlass::arch::warpgroup_reg_dealloc<kTrioValueRegs>();
-    trio_values<false, kMc>(&tmap, p, s, part, consumer_ctx(1, m_block, head_kv));
+    trio_values<false>(&tmap, p, s, part, consumer_ctx(1, m_block, head_kv));
   }
-  if constexpr (kMc) cute::cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 }
 
 }  // namespace mla

@@ -50,46 +50,20 @@ __device__ __forceinline__ void cursor_next(PageCursor& cur, const DecodeParams&
 }
 
 // One thread: loads `n` 64-column chunks of physical page `page` (head head_kv), starting at chunk c0, into
-// `dst` (consecutive swizzled chunks), on full barrier `bar`. kMc: the loads are multicast to both CTAs of
-// the cluster (same shared-memory offsets, each CTA's own barrier at `bar`'s offset), and the expected bytes
-// are armed separately (trio_expect), since each CTA arms its own barrier for the bytes both CTAs send it.
-template <bool kMc>
+// `dst` (consecutive swizzled chunks), on full barrier `bar`.
 __device__ __forceinline__ void trio_load_chunks(const CUtensorMap* tmap, uint64_t* bar, uint8_t* dst, int c0, int n,
                                                  int page, int head_kv) {
-  constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-  if constexpr (!kMc) FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
-  for (int i = 0; i < n; ++i) {
-    if constexpr (kMc) {
-      cute::SM90_TMA_LOAD_MULTICAST_4D::copy(tmap, bar, static_cast<uint16_t>(0b11), kHint, dst + i * kChunkBytes,
-                                             (c0 + i) * kChunkCols, 0, head_kv, page);
-    } else {
-      load_page_chunk(tmap, bar, dst + i * kChunkBytes, c0 + i, page, head_kv);
-    }
-  }
+  FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
+  for (int i = 0; i < n; ++i) load_page_chunk(tmap, bar, dst + i * kChunkBytes, c0 + i, page, head_kv);
 }
 // Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`; the RoPE chunk of `page` into `slot`.
-template <bool kMc = false>
 __device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap, TrioStorage& s, int stage, int g, int page,
                                                   int head_kv) {
-  trio_load_chunks<kMc>(tmap, &s.full_bar[stage][g], s.kv[stage] + 4 * g * kChunkBytes, 4 * g, 4, page, head_kv);
+  trio_load_chunks(tmap, &s.full_bar[stage][g], s.kv[stage] + 4 * g * kChunkBytes, 4 * g, 4, page, head_kv);
 }
-template <bool kMc = false>
 __device__ __forceinline__ void trio_load_rope(const CUtensorMap* tmap, TrioStorage& s, int slot, int page,
                                                int head_kv) {
-  trio_load_chunks<kMc>(tmap, &s.rope_full[slot], s.rope[slot], kNumChunksV, 1, page, head_kv);
-}
-// Cluster of two (kMc): every CTA arms its own barriers for a whole stage (both latent groups) or slot; CTA
-// rank r sends latent group r of every page and the RoPE chunk of slot r, multicast to both.
-__device__ __forceinline__ void trio_mc_fill_stage(const CUtensorMap* tmap, TrioStorage& s, int stage, int page,
-                                                   int head_kv, int rank) {
-  FullBarrier::arrive_and_expect_tx(&s.full_bar[stage][0], 4 * kChunkBytes);
-  FullBarrier::arrive_and_expect_tx(&s.full_bar[stage][1], 4 * kChunkBytes);
-  trio_load_latents<true>(tmap, s, stage, rank, page, head_kv);
-}
-__device__ __forceinline__ void trio_mc_fill_slot(const CUtensorMap* tmap, TrioStorage& s, int slot, int page,
-                                                  int head_kv, int rank) {
-  FullBarrier::arrive_and_expect_tx(&s.rope_full[slot], kChunkBytes);
-  if (slot == rank) trio_load_rope<true>(tmap, s, slot, page, head_kv);
+  trio_load_chunks(tmap, &s.rope_full[slot], s.rope[slot], kNumChunksV, 1, page, head_kv);
 }
 // With two RoPE slots a page's RoPE chunk can be requested only one page before S needs it (its slot holds
 // the page two places back until both value warpgroups have read that page's P): prefetch it into L2 when
@@ -216,17 +190,12 @@ __device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s
 // Warpgroups 1 and 2 (c.w = output half h). kIssuer (half 0): its thread t = 0 reloads, after page it, the
 // stage with page it + 3 (group L once its own P V is done, group R once half 1 is done too: s.p_done) and
 // the RoPE slot with page it + 2 (once both have read P). Half 1 carries no load code.
-// kMc (a cluster of the two CTAs of adjacent m-blocks, which walk the same pages): the pages are loaded once
-// for both, each CTA's issuer sending half of every page to both (trio_mc_fill_*); a stage or slot is
-// refilled once all four value warpgroups of the pair are done with it (s.p_done counts the local half 1 and
-// both remote halves).
-template <bool kIssuer, bool kMc>
+template <bool kIssuer>
 __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const DecodeParams& p, TrioStorage& s,
                                             const PartInfo& part, const ConsumerCtx& c) {
   constexpr int h = kIssuer ? 0 : 1;
   constexpr NamedBarrierId own = kIssuer ? kBarValue0 : kBarValue1;
   const bool lead = c.t == 0;
-  const int rank = kMc ? static_cast<int>(cute::block_rank_in_cluster()) : 0;
   // in shared memory: registers are this warpgroup's scarcest resource
   PageCursor& next_stage = s.next_stage;
   PageCursor& next_rope = s.next_rope;
@@ -235,23 +204,14 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
     cursor_seek(next_rope, p, part, part.first_req);
     for (int k = 0; k < kTrioStages && cursor_valid(next_stage, part); ++k) {
       cursor_ids_ready();
-      if constexpr (kMc) {
-        trio_mc_fill_stage(tmap, s, k, next_stage.id, c.head_kv, rank);
-        if (k >= kTrioRopeSlots && rank == 0) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-      } else {
-        trio_load_latents(tmap, s, k, 0, next_stage.id, c.head_kv);
-        trio_load_latents(tmap, s, k, 1, next_stage.id, c.head_kv);
-        if (k >= kTrioRopeSlots) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-      }
+      trio_load_latents(tmap, s, k, 0, next_stage.id, c.head_kv);
+      trio_load_latents(tmap, s, k, 1, next_stage.id, c.head_kv);
+      if (k >= kTrioRopeSlots) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
       cursor_next(next_stage, p, part);
     }
     for (int k = 0; k < kTrioRopeSlots && cursor_valid(next_rope, part); ++k) {
       cursor_ids_ready();
-      if constexpr (kMc) {
-        trio_mc_fill_slot(tmap, s, k, next_rope.id, c.head_kv, rank);
-      } else {
-        trio_load_rope(tmap, s, k, next_rope.id, c.head_kv);
-      }
+      trio_load_rope(tmap, s, k, next_rope.id, c.head_kv);
       cursor_next(next_rope, p, part);
     }
   }
@@ -280,20 +240,8 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const Decod
       pv_half(o, s.rope[slot], kv, h);
       own_warpgroup_sync(own);  // every warp's P V of this page is done
       if (lead) {
-        if constexpr (kMc) EmptyBarrier::arrive(&s.p_done[stage], rank ^ 1, 1u);  // the peer's issuer
         if (!kIssuer) {
           EmptyBarrier::arrive(&s.p_done[stage]);
-        } else if constexpr (kMc) {
-          const bool more_stage = cursor_valid(next_stage, part), more_rope = cursor_valid(next_rope, part);
-          cursor_ids_ready();
-          if (more_stage || more_rope) wait_barrier(&s.p_done[stage], parity);
-          if (more_stage) {
-            trio_mc_fill_stage(tmap, s, stage, next_stage.id, c.head_kv, rank);
-            if (rank == 0) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-          }
-          if (more_rope) trio_mc_fill_slot(tmap, s, slot, next_rope.id, c.head_kv, rank);
-          if (more_stage) cursor_next(next_stage, p, part);
-          if (more_rope) cursor_next(next_rope, p, part);
         } else {
           const bool more_stage = cursor_valid(next_stage, part), more_rope = cursor_valid(next_rope, part);
           cursor_ids_ready();
