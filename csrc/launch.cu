@@ -68,7 +68,7 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   static std::mutex mu;
-  static bool done[64][8] = {};
+  static bool done[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev][which]) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -77,27 +77,16 @@ void ensure_smem_attribute(MainKernel kernel, int smem_bytes, int which) {
   }
 }
 
-template <int kV, bool kTrace>
-void launch_trio(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int which, cudaStream_t stream) {
-  ensure_smem_attribute(mla_decode_trio_kernel<kV, kTrace>, kTrioSmemBytes, which);
-  mla_decode_trio_kernel<kV, kTrace><<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
-  check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
-}
-
 void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule, cudaStream_t stream) {
-  switch (schedule) {
-    case kSchedTrio: return launch_trio<0, false>(tmap, p, grid, 1, stream);
-    case kSchedTrio + 1: return launch_trio<1, false>(tmap, p, grid, 2, stream);  // EXPERIMENT trio1
-    case kSchedTrio + 2: return launch_trio<2, false>(tmap, p, grid, 3, stream);  // EXPERIMENT trio1o
-    case kSchedTrio + 3: return launch_trio<0, true>(tmap, p, grid, 4, stream);   // EXPERIMENT triot
-    case kSchedTrio + 4: return launch_trio<2, true>(tmap, p, grid, 5, stream);   // EXPERIMENT trio1ot
-    case kSchedTrio + 5: return launch_trio<3, false>(tmap, p, grid, 6, stream);  // EXPERIMENT trio1h
-    case kSchedTrio + 6: return launch_trio<3, true>(tmap, p, grid, 7, stream);   // EXPERIMENT trio1ht
-    default: break;
+  if (schedule == kSchedTrio) {
+    ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
+    mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, p);
+    check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
+  } else {
+    ensure_smem_attribute(mla_decode_kernel, kSmemBytes, 0);
+    mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
+    check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
   }
-  ensure_smem_attribute(mla_decode_kernel, kSmemBytes, 0);
-  mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
-  check_cuda(cudaGetLastError(), "mla_decode_kernel launch");
 }
 
 }  // namespace
@@ -108,17 +97,6 @@ void launch_main(const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int 
 int resolve_schedule(int schedule, int rows) {
   if (schedule != kSchedAuto) return schedule;
   return rows > kBlockM ? kSchedTrio : kSchedSolo;
-}
-
-// EXPERIMENT: the traced instances' clock64 events (trace.cuh) into `dst` (device memory, kTraceBytes).
-int trace_bytes() { return static_cast<int>(sizeof(g_trace)); }
-void trace_copy(void* dst, bool clear) {
-  check_cuda(cudaMemcpyFromSymbol(dst, g_trace, sizeof(g_trace), 0, cudaMemcpyDeviceToDevice), "trace copy");
-  if (clear) {
-    void* sym = nullptr;
-    check_cuda(cudaGetSymbolAddress(&sym, g_trace), "trace symbol");
-    check_cuda(cudaMemset(sym, 0, sizeof(g_trace)), "trace clear");
-  }
 }
 
 int num_sms(int device) {

@@ -65,7 +65,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const __grid_co
 
 // The trio schedule (trio.cuh), auto above 64 query rows per KV head: same grid and threads; warpgroup 0
 // scores, warpgroups 1 and 2 add P V and issue the loads.
-template <int kV, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __grid_constant__ CUtensorMap tmap,
                                                                       const __grid_constant__ DecodeParams p) {
   extern __shared__ uint8_t smem_raw[];
@@ -75,12 +74,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
     for (int i = 0; i < kTrioStages; ++i) {
       for (int g = 0; g < 2; ++g) FullBarrier::init(&s.full_bar[i][g], 1);
       EmptyBarrier::init(&s.p_full[i], 128);  // the scorer's threads
-      EmptyBarrier::init(&s.p_late[i], 128);  // (kV = 3) the same
       EmptyBarrier::init(&s.p_done[i], 1);    // value warpgroup 2's lead thread
     }
     for (int i = 0; i < kTrioRopeSlots; ++i) FullBarrier::init(&s.rope_full[i], 1);
     for (int i = 0; i < 2; ++i) EmptyBarrier::init(&s.fin_free[i], 256);  // both value warpgroups
-    EmptyBarrier::init(&s.p_free, 2);  // (kV > 0) the value warpgroups' leads
     cutlass::arch::fence_barrier_init();
     cute::prefetch_tma_descriptor(&tmap);
   }
@@ -89,13 +86,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_alloc<kTrioScorerRegs>();
-    trio_score<kV, kTrace>(&tmap, p, s, part, consumer_ctx(0, m_block, head_kv));
+    trio_score(p, s, part, consumer_ctx(0, m_block, head_kv));
   } else if (wg == 1) {
     cutlass::arch::warpgroup_reg_dealloc<kTrioIssuerRegs>();
-    trio_values<true, kV, kTrace>(&tmap, p, s, part, consumer_ctx(0, m_block, head_kv));
+    trio_values<true>(&tmap, p, s, part, consumer_ctx(0, m_block, head_kv));
   } else {
     cutlass::arch::warpgroup_reg_dealloc<kTrioValueRegs>();
-    trio_values<false, kV, kTrace>(&tmap, p, s, part, consumer_ctx(1, m_block, head_kv));
+    trio_values<false>(&tmap, p, s, part, consumer_ctx(1, m_block, head_kv));
   }
 }
 
