@@ -54,8 +54,11 @@ struct TrioStorage {
   alignas(8) uint64_t p_full[kTrioStages];  // scorer: the page's P and rescale factors are written
   alignas(8) uint64_t p_done[kTrioStages];  // value warpgroup 2: done with the page (it may reload)
   alignas(8) uint64_t fin_free[2];          // value WGs: fin[parity] read
+  alignas(8) uint64_t p_late[kTrioStages];  // (kV = 3) the scorer: P handed to value WG 1 after S(j+1) issue
+  alignas(8) uint64_t p_free;               // (one-slot variants) both value WGs done with the P tile
   PageCursor next_stage;                    // the issuing thread's next page to load into a stage
   PageCursor next_rope;                     // ... and into a RoPE slot
+  PageCursor next_stage_r;                  // (EXPERIMENT kOptSplit) value warpgroup 2's lead: group R loads
 };
 constexpr int kTrioSmemBytes = sizeof(TrioStorage) + 1024;
 static_assert(kTrioSmemBytes <= 227 * 1024, "trio shared memory exceeds the sm_90 per-block limit");
