@@ -56,7 +56,5 @@ struct DecodeArgs {
 void launch_mla_decode(const DecodeArgs& args, cudaStream_t stream);
 
 int num_sms(int device);
-int trace_bytes();                    // EXPERIMENT
-void trace_copy(void* dst, bool clear);  // EXPERIMENT
 
 }  // namespace mla

@@ -24,7 +24,7 @@ void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int s
 }
 
 void check_schedule(int schedule) {
-  if (schedule < mla::kSchedAuto || schedule > 6 /* EXPERIMENT: mla::kTrioLast */) {
+  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
     throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
                                 std::to_string(schedule));
   }
@@ -105,6 +105,4 @@ PYBIND11_MODULE(_C, m) {
         "the consumer schedule a launch runs: (requested schedule, query rows per KV head) -> 1 (solo) or 2 (trio)",
         py::arg("schedule"), py::arg("rows"));
   m.def("num_sms", &num_sms, "multiprocessor count of a device", py::arg("device"));
-  m.def("trace_bytes", &mla::trace_bytes);  // EXPERIMENT
-  m.def("trace_copy", [](uintptr_t dst, bool clear) { mla::trace_copy(reinterpret_cast<void*>(dst), clear); });
 }

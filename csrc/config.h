@@ -29,12 +29,12 @@ constexpr int kConsumerRegs = 240;
 
 // The trio schedule (trio.cuh): warpgroup 0 (the scorer) keeps Q's first 448 columns in registers as
 // wgmma A fragments (112 per thread) and computes S and the softmax; warpgroups 1 and 2 (the value
-// warpgroups) each own one 256-column output half; warpgroup 1 also issues the TMA loads. No producer
-// warpgroup: 184 + 2 x 160 registers = the entry 3 x 168. Three stages of latents (chunks 0..7, in two
-// groups on their own full barriers: L = V columns 0..255, R = 256..511) and two slots of RoPE chunks,
-// which is what leaves room in shared memory for Q's last two chunks.
+// warpgroups) each own one 256-column output half; warpgroup 1 also issues the latent TMA loads, warpgroup 2
+// those of the RoPE chunks. No producer warpgroup: 184 + 2 x 160 registers = the entry 3 x 168. Three stages of latents (chunks 0..7, in two
+// groups on their own full barriers: L = V columns 0..255, R = 256..511), one slot of RoPE chunks and one
+// P tile, which is what leaves room in shared memory for Q's last two chunks.
 constexpr int kTrioStages = 3;
-constexpr int kTrioRopeSlots = 2;
+constexpr int kTrioGroupChunks = 4;  // chunks per latent group (one TMA box of the group map)
 constexpr int kTrioQRegChunks = 7;   // Q chunks 0..6 in the scorer's registers
 constexpr int kTrioQTailChunks = 2;  // Q chunks 7, 8 in shared memory
 constexpr int kTrioScorerRegs = 184;

@@ -9,7 +9,6 @@
 #include "config.h"
 #include "mla_kernel.cuh"
 #include "traits.h"
-#include "trio_variants.h"
 
 namespace mla {
 
@@ -62,8 +61,9 @@ CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
   return map;
 }
 
-// EXPERIMENT: k_cache as a 5-D tensor (64 columns, 64 tokens, 9 chunks, h_kv, pages): one box of
-// (64, 64, 4, 1, 1) lands a latent group (four 64-column chunks) as four swizzled 8 KB chunks side by side.
+// The same k_cache as a 5-D tensor (64 columns, 64 tokens, 9 chunks, h_kv, pages) with boxes of (64, 64, 4, 1,
+// 1): one box lands a trio latent group, four 64-column chunks, as four swizzled 8 KB chunks side by side
+// (the smem box is laid out dimension 0 fastest, so chunk i sits 8 KB after chunk i - 1).
 CUtensorMap make_kv_group_tensor_map(const DecodeArgs& a) {
   CUtensorMap map;
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(kChunkCols), static_cast<cuuint64_t>(kPageSize),
@@ -72,7 +72,7 @@ CUtensorMap make_kv_group_tensor_map(const DecodeArgs& a) {
   const cuuint64_t strides[4] = {static_cast<cuuint64_t>(a.k_stride_token) * 2, kChunkCols * 2,
                                  static_cast<cuuint64_t>(a.k_stride_head) * 2,
                                  static_cast<cuuint64_t>(a.k_stride_page) * 2};
-  const cuuint32_t box[5] = {kChunkCols, kPageSize, 4, 1, 1};
+  const cuuint32_t box[5] = {kChunkCols, kPageSize, kTrioGroupChunks, 1, 1};
   const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
   const CUresult res =
       encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5, const_cast<void*>(a.k_cache), dims, strides, box,
@@ -100,14 +100,13 @@ void ensure_smem_attribute(Kernel kernel, int smem_bytes, int which) {
   }
 }
 
-void launch_main(const CUtensorMap& tmap, const CUtensorMap& tmap_g, const DecodeParams& p, dim3 grid, int schedule,
+void launch_main(const DecodeArgs& a, const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule,
                  cudaStream_t stream) {
   if (schedule == kSchedTrio) {
-    ensure_smem_attribute(mla_decode_trio_kernel<3, kOptBox5, false>, kTrioSmemBytes, 1);
-    mla_decode_trio_kernel<3, kOptBox5, false><<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, tmap_g, p);
+    const CUtensorMap tmap_g = make_kv_group_tensor_map(a);
+    ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
+    mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, tmap_g, p);
     check_cuda(cudaGetLastError(), "mla_decode_trio_kernel launch");
-  } else if (schedule > kSchedTrio) {
-    launch_trio_variant(schedule, tmap, tmap_g, p, grid, stream);  // EXPERIMENT
   } else {
     ensure_smem_attribute(mla_decode_kernel, kSmemBytes, 0);
     mla_decode_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap, p);
@@ -123,16 +122,6 @@ void launch_main(const CUtensorMap& tmap, const CUtensorMap& tmap_g, const Decod
 int resolve_schedule(int schedule, int rows) {
   if (schedule != kSchedAuto) return schedule;
   return rows > kBlockM ? kSchedTrio : kSchedSolo;
-}
-
-// EXPERIMENT: variant dispatch (trio_variants.h)
-bool trio_variant_uses_group_map(int schedule) { return schedule >= kSchedTrio && schedule != kTrio0; }
-void launch_trio_variant(int v, const CUtensorMap& t, const CUtensorMap& g, const DecodeParams& p, dim3 grid,
-                         cudaStream_t st) {
-  if (v == kTrio0) return launch_trio_variants_a(v, t, g, p, grid, st);
-  if (v == kTrio2h5) return launch_trio_variants_b(v, t, g, p, grid, st);
-  if (v == kTrio1h5T || v == kTrio2h5T) return launch_trio_variants_t(v, t, g, p, grid, st);
-  throw std::invalid_argument("mlaserve._C: unknown trio variant " + std::to_string(v));
 }
 
 int num_sms(int device) {
@@ -175,10 +164,8 @@ void launch_mla_decode(const DecodeArgs& a, cudaStream_t stream) {
   bool main_launched = false;
   if (a.b > 0 && a.num_parts > 0 && a.num_pages > 0) {
     const CUtensorMap tmap = make_kv_tensor_map(a);
-    const int schedule = resolve_schedule(a.schedule, rows);
-    const CUtensorMap tmap_g = trio_variant_uses_group_map(schedule) ? make_kv_group_tensor_map(a) : tmap;
     const dim3 grid((rows + kBlockM - 1) / kBlockM, a.h_kv, a.num_parts);
-    launch_main(tmap, tmap_g, p, grid, schedule, stream);
+    launch_main(a, tmap, p, grid, resolve_schedule(a.schedule, rows), stream);
     main_launched = true;
   }
 

@@ -36,29 +36,29 @@ struct PageCursor {
   int req, pg, hi, id;
 };
 
-// Shared memory of the trio schedule (config.h): three pages of latents, two of RoPE chunks, the Q tile's
-// last two chunks (the rest is in the scorer's registers); a page's P lives in its own RoPE slot once S is
-// done.
+// Shared memory of the trio schedule (config.h): three pages of latents, one RoPE chunk slot, one P tile, the
+// Q tile's last two chunks (the rest is in the scorer's registers).
 struct TrioStorage {
   // [stage] (64 tokens, 512) bf16 as 8 swizzled chunks: a page's latents (K columns 0..511 = V); page i in
   // stage i % 3
   alignas(1024) uint8_t kv[kTrioStages][kNumChunksV * kChunkBytes];
-  // [slot] (64 tokens, 64) bf16, one swizzled chunk: page i's RoPE columns in slot i % 2, then its P (64 x 64)
-  alignas(1024) uint8_t rope[kTrioRopeSlots][kChunkBytes];
+  // (64 tokens, 64) bf16, one swizzled chunk: the RoPE columns of the page S is on (reloaded once S is done)
+  alignas(1024) uint8_t rope[kChunkBytes];
+  // (64 rows, 64 keys) bf16, one swizzled chunk: P of the page the value warpgroups are on
+  alignas(1024) uint8_t p_tile[kChunkBytes];
   // (64 rows, 128) bf16 as 2 swizzled chunks: Q columns 448..575 (the A operand of S's last 8 k-steps)
   alignas(1024) uint8_t q_tail[kTrioQTailChunks * kChunkBytes];
   float alpha[kTrioStages][kBlockM];  // [stage][row]: the page's O rescale factors (scorer -> value WGs)
   float fin[2][2][kBlockM];           // [request parity][0: row sum, 1: row max] at a request's last page
   alignas(8) uint64_t full_bar[kTrioStages][2];  // [stage][L, R]: TMA bytes of a latent chunk group landed
-  alignas(8) uint64_t rope_full[kTrioRopeSlots]; // TMA bytes of a RoPE chunk landed
-  alignas(8) uint64_t p_full[kTrioStages];  // scorer: the page's P and rescale factors are written
+  alignas(8) uint64_t rope_full;             // TMA bytes of the RoPE slot's chunk landed
+  alignas(8) uint64_t p_full[kTrioStages];  // scorer: the page's P and rescale factors are written (WG 2 goes)
+  alignas(8) uint64_t p_late[kTrioStages];  // scorer: S of the next page is issued (WG 1 takes this page's P)
+  alignas(8) uint64_t p_free;               // value WGs' leads: both are done with the P tile
   alignas(8) uint64_t p_done[kTrioStages];  // value warpgroup 2: done with the page (it may reload)
   alignas(8) uint64_t fin_free[2];          // value WGs: fin[parity] read
-  alignas(8) uint64_t p_late[kTrioStages];  // (kV = 3) the scorer: P handed to value WG 1 after S(j+1) issue
-  alignas(8) uint64_t p_free;               // (one-slot variants) both value WGs done with the P tile
-  PageCursor next_stage;                    // the issuing thread's next page to load into a stage
-  PageCursor next_rope;                     // ... and into a RoPE slot
-  PageCursor next_stage_r;                  // (EXPERIMENT kOptSplit) value warpgroup 2's lead: group R loads
+  PageCursor next_stage;                    // value WG 1's lead: the next page to load into a stage
+  PageCursor next_rope;                     // value WG 2's lead: the next page to load into the RoPE slot
 };
 constexpr int kTrioSmemBytes = sizeof(TrioStorage) + 1024;
 static_assert(kTrioSmemBytes <= 227 * 1024, "trio shared memory exceeds the sm_90 per-block limit");

@@ -1,19 +1,21 @@
 // The "trio" schedule: three warpgroups, three stages, no producer warpgroup (config.h).
 //   scorer (warpgroup 0): Q's first 448 columns in registers (wgmma A fragments), its last two chunks in
 //     shared memory; per page S = Q K^T (28 RS + 8 SS m64n64k16), mask, online softmax, P (bf16) into the
-//     page's RoPE slot and the rescale factors into s.alpha[stage]; then straight on to the next page: it
-//     never waits for a P V.
-//   value warpgroups 1 and 2: output half h (256 columns) += P V_h (m64n256k16, SS), following the
-//     scorer; after each page, one thread of warpgroup 1 reloads the stage with the page three places
-//     ahead and the RoPE slot with the page two places ahead (TMA).
-// The tensor pipe runs the value warpgroups' P V while the scorer does its softmax; S reads mostly Q from
-// registers; three stages keep a page loading while two are in use.
+//     P tile (once both value warpgroups are done with the previous P) and the rescale factors into
+//     s.alpha[stage].
+//   value warpgroups 1 and 2: output half h (256 columns) += P V_h (m64n256k16, SS). Warpgroup 2 (half 1)
+//     takes P(j) as soon as it is written, so its P V shares the tensor pipe with S(j+1); warpgroup 1
+//     (half 0) takes it only once S(j+1) is issued (s.p_late), so that its P V queues behind S(j+1) and
+//     runs during the scorer's softmax(j+1). Warpgroup 2's lead reloads the one RoPE slot with page j+1's
+//     chunk once it has P(j) (S(j) is done); warpgroup 1's lead reloads the stage with page j+3 (one TMA
+//     box per latent group).
+// With both P V halves issued beside S(j+1), S(j+1) finishes later (the pipe interleaves the three warpgroups'
+// wgmmas); holding one half back keeps S's share and fills the softmax gap (traced: csrc/NOTES.md, session 16).
 #pragma once
 #include <cmath>
 
 #include "consumer.cuh"
 #include "softmax.cuh"
-#include "trace.cuh"
 
 namespace mla {
 
@@ -57,31 +59,23 @@ __device__ __forceinline__ void trio_load_chunks(const CUtensorMap* tmap, uint64
   FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
   for (int i = 0; i < n; ++i) load_page_chunk(tmap, bar, dst + i * kChunkBytes, c0 + i, page, head_kv);
 }
-// EXPERIMENT variant bits (kOpt): kOptBox5 = a latent group as one TMA box of four chunks (the 5-D group
-// map, launch.cu), kOptSplit = value warpgroup 2's lead loads group R itself after its own P V.
-constexpr int kOptBox5 = 1, kOptSplit = 2;
-// Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`; the RoPE chunk of `page` into `slot`.
-// kBox5: one box (64 columns, 64 tokens, 4 chunks) of the group map `tmap_g` lands the four swizzled chunks
-// side by side, as four boxes of the chunk map do.
-template <bool kBox5 = false>
-__device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap, TrioStorage& s, int stage, int g, int page,
-                                                  int head_kv, const CUtensorMap* tmap_g = nullptr) {
-  if constexpr (kBox5) {
-    constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    uint64_t* bar = &s.full_bar[stage][g];
-    FullBarrier::arrive_and_expect_tx(bar, 4 * kChunkBytes);
-    cute::SM90_TMA_LOAD_5D::copy(tmap_g, bar, kHint, s.kv[stage] + 4 * g * kChunkBytes, 0, 0, 4 * g, head_kv, page);
-  } else {
-    trio_load_chunks(tmap, &s.full_bar[stage][g], s.kv[stage] + 4 * g * kChunkBytes, 4 * g, 4, page, head_kv);
-  }
+// Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`: one box (64 columns, 64 tokens, 4 chunks)
+// of the group map `tmap_g` (launch.cu), which lands the four swizzled chunks side by side (with four boxes of
+// the chunk map instead this schedule measured 4-5% more cycles: NOTES, session 16).
+__device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap_g, TrioStorage& s, int stage, int g, int page,
+                                                  int head_kv) {
+  constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  uint64_t* bar = &s.full_bar[stage][g];
+  constexpr int n = kTrioGroupChunks;
+  FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
+  cute::SM90_TMA_LOAD_5D::copy(tmap_g, bar, kHint, s.kv[stage] + n * g * kChunkBytes, 0, 0, n * g, head_kv, page);
 }
-__device__ __forceinline__ void trio_load_rope(const CUtensorMap* tmap, TrioStorage& s, int slot, int page,
-                                               int head_kv) {
-  trio_load_chunks(tmap, &s.rope_full[slot], s.rope[slot], kNumChunksV, 1, page, head_kv);
+// The RoPE chunk of `page` into the RoPE slot (chunk map `tmap`).
+__device__ __forceinline__ void trio_load_rope(const CUtensorMap* tmap, TrioStorage& s, int page, int head_kv) {
+  trio_load_chunks(tmap, &s.rope_full, s.rope, kNumChunksV, 1, page, head_kv);
 }
-// With two RoPE slots a page's RoPE chunk can be requested only one page before S needs it (its slot holds
-// the page two places back until both value warpgroups have read that page's P): prefetch it into L2 when
-// the page's latents are requested, so that the later load is an L2 hit.
+// A page's RoPE chunk can be requested only once S of the page before is done (one slot): prefetch it into
+// L2 when the page's latents are requested, so that the later load is an L2 hit.
 __device__ __forceinline__ void trio_prefetch_rope(const CUtensorMap* tmap, int page, int head_kv) {
   cute::SM90_TMA_LOAD_4D::PREFETCH::copy(tmap, kNumChunksV * kChunkCols, 0, head_kv, page);
 }
@@ -110,24 +104,21 @@ __device__ __forceinline__ void load_q_regs(const DecodeParams& p, const Consume
 }
 
 // S(64 x 64) = Q K^T of page it: latent group L as RS k-steps (A = qa) once its bytes land, group R (RS for
-// chunks 4..6, SS with A = Q chunk 7 from s.q_tail for chunk 7), then the RoPE chunk of `slot` (SS, A = Q
+// chunks 4..6, SS with A = Q chunk 7 from s.q_tail for chunk 7), then the RoPE chunk in the slot (SS, A = Q
 // chunk 8). Issues one wgmma group; the caller waits.
-template <bool kTrace = false>
 __device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[4 * kTrioQRegSteps], TrioStorage& s,
-                                        int stage, int slot, uint32_t stage_parity, uint32_t slot_parity, int it = 0) {
+                                        int stage, uint32_t stage_parity, uint32_t rope_parity) {
   using namespace cute;
   const GMMA::DescriptorIterator dk{GMMA::make_gmma_desc<GMMA::Major::K>(
       local_tile(smem_tensor(s.kv[stage], SmemLayoutQK{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
   const GMMA::DescriptorIterator dr{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(s.rope[slot], SmemLayoutP{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
+      local_tile(smem_tensor(s.rope, SmemLayoutP{}), Shape<Int<kBlockN>, _16>{}, make_coord(0, 0)))};
   const GMMA::DescriptorIterator dq{GMMA::make_gmma_desc<GMMA::Major::K>(
       local_tile(smem_tensor(s.q_tail, SmemLayoutQK{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
   constexpr int kSteps = kChunkCols / 16;  // k-steps per chunk
 #pragma unroll
   for (int g = 0; g < 2; ++g) {
-    if (g == 1 && threadIdx.x == 0) trace_event<kTrace>(it, 17);
     wait_barrier(&s.full_bar[stage][g], stage_parity);
-    if (threadIdx.x == 0) trace_event<kTrace>(it, 1 + g);
     warpgroup_arrive();
 #pragma unroll
     for (int k = 4 * g * kSteps; k < 4 * (g + 1) * kSteps; ++k) {
@@ -139,43 +130,24 @@ __device__ __forceinline__ void trio_qk(float (&sacc)[32], const uint32_t (&qa)[
       }
     }
   }
-  if (threadIdx.x == 0) trace_event<kTrace>(it, 16);
-  wait_barrier(&s.rope_full[slot], slot_parity);
-  if (threadIdx.x == 0) trace_event<kTrace>(it, 3);
+  wait_barrier(&s.rope_full, rope_parity);
   warpgroup_arrive();
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk) {
     gmma<MmaQK64>(sacc, dq[qk_step(kSteps + kk)], dr[qk_step(kk)]);
   }
   warpgroup_commit_batch();
-  if (threadIdx.x == 0) trace_event<kTrace>(it, 4);
 }
 
-// Warpgroup 0. s.fin[parity] holds a request's final row sums and maxima for the value warpgroups.
-// kV = 4 (EXPERIMENT, session 16): the tree's two slots (RoPE(j), then P(j), in slot j % 2) with kV = 3's
-// handoff: half 1 takes P(j) at once, half 0 only once S(j + 1) is issued (p_late).
-// kV (EXPERIMENT): 0 = the tree (two RoPE slots, P into the page's slot); 1 = one RoPE slot (s.rope[0]) that
-// the scorer's thread 0 reloads with the next page's RoPE chunk as soon as S is done, and a P tile
-// (s.rope[1]) that P(j) enters once both value WGs are done with P(j-1) (s.p_free); 2 = as 1, but P(j) is
-// handed over (p_full) only once S(j+1) is issued, so that the tensor pipe has S(j+1) ahead of P V(j); 3 = as 1,
-// but only half 0's P V(j) waits for S(j+1)'s issue (s.p_late), half 1's goes at once.
-template <int kV> constexpr bool kTwoSlots = kV == 0 || kV == 4;  // P(j) into page j's RoPE slot
-template <int kV> constexpr bool kLateHalf0 = kV == 3 || kV == 4;  // half 0 takes P(j) after S(j + 1) issue
-template <int kV, bool kTrace>
-__device__ __forceinline__ void trio_score(const CUtensorMap* tmap, const DecodeParams& p, TrioStorage& s,
-                                           const PartInfo& part, const ConsumerCtx& c) {
+// Warpgroup 0. Per page j: S(j) (waits for its latents and the RoPE slot's chunk), then P(j - 1) to value
+// warpgroup 1 (s.p_late: S(j) is now ahead of its P V in the pipe), softmax(j), P(j) into the P tile once
+// both value warpgroups are done with P(j - 1) (s.p_free), then P(j) to value warpgroup 2 (s.p_full). A
+// request's last P goes to both at once. s.fin[parity] holds a request's final row sums and maxima.
+__device__ __forceinline__ void trio_score(const DecodeParams& p, TrioStorage& s, const PartInfo& part,
+                                           const ConsumerCtx& c) {
   uint32_t qa[4 * kTrioQRegSteps];  // Q's first 448 columns, A fragments (load_q_regs)
   float sacc[32];    // S of one page, then its probabilities
   int it = 0, nreq = 0;
-  if constexpr (kV == 1 || kV == 2) {  // (kV = 3: value WG 2's lead loads the RoPE chunks)
-    if (c.t == 0) {
-      cursor_seek(s.next_rope, p, part, part.first_req);
-      if (cursor_valid(s.next_rope, part)) {
-        trio_load_rope(tmap, s, 0, s.next_rope.id, c.head_kv);
-        cursor_next(s.next_rope, p, part);
-      }
-    }
-  }
   for (int req = part.first_req; req <= part.last_req; ++req) {
     const int len = p.seqlens[req];
     int lo, hi;
@@ -190,29 +162,11 @@ __device__ __forceinline__ void trio_score(const CUtensorMap* tmap, const Decode
     const int mask_from = key_limits(p, c, len).min;  // pages past it need a mask (limits recomputed there)
     RowState st = empty_row_state();
     for (int pg = lo; pg < hi; ++pg, ++it) {
-      const int stage = it % kTrioStages, slot = kTwoSlots<kV> ? it % kTrioRopeSlots : 0;
-      if (c.t == 0) trace_event<kTrace>(it, 0);
-      trio_qk<kTrace>(sacc, qa, s, stage, slot, (it / kTrioStages) & 1,
-                      kTwoSlots<kV> ? (it / kTrioRopeSlots) & 1 : (it & 1), it);
-      if constexpr (kV >= 2) {
-        // P(it - 1) of this request, written in the previous iteration, goes to the (kV = 3: half-0) value
-        // WGs now
-        if (pg > lo) {
-          EmptyBarrier::arrive(kV == 2 ? &s.p_full[(it - 1) % kTrioStages] : &s.p_late[(it - 1) % kTrioStages]);
-          if (c.t == 0) trace_event<kTrace>(it - 1, 8);
-        }
-      }
+      const int stage = it % kTrioStages;
+      trio_qk(sacc, qa, s, stage, (it / kTrioStages) & 1, it & 1);
+      if (pg > lo) EmptyBarrier::arrive(&s.p_late[(it - 1) % kTrioStages]);  // P(it - 1): value warpgroup 1
       cute::warpgroup_wait<0>();
       fence_regs(sacc);
-      if (c.t == 0) trace_event<kTrace>(it, 5);
-      if constexpr (kV == 1 || kV == 2) {
-        if (c.t == 0 && cursor_valid(s.next_rope, part)) {  // the RoPE slot is free: the next page's chunk
-          cursor_ids_ready();
-          trio_load_rope(tmap, s, 0, s.next_rope.id, c.head_kv);
-          cursor_next(s.next_rope, p, part);
-          trace_event<kTrace>(it, 9);
-        }
-      }
       if (pg * kPageSize + kPageSize > mask_from) {
         const KeyLimits lim = key_limits(p, c, len);
         mask_scores(sacc, pg * kPageSize + 2 * (c.lane & 3), lim.a, lim.b);
@@ -221,15 +175,8 @@ __device__ __forceinline__ void trio_score(const CUtensorMap* tmap, const Decode
       row_max_local(sacc, mx_a, mx_b);
       float alpha_a, alpha_b;
       softmax_update(sacc, st, mx_a, mx_b, p.scale_log2, alpha_a, alpha_b);
-      if (c.t == 0) trace_event<kTrace>(it, 6);
-      if constexpr (!kTwoSlots<kV>) {
-        if (it > 0) wait_barrier(&s.p_free, (it - 1) & 1);  // P V(it - 1) is done: the P tile is free
-        if (c.t == 0) trace_event<kTrace>(it, 7);
-        store_p(s.rope[1], sacc, 0, c.row_a, c.lane);
-      } else {
-        // S is done, so the page's RoPE slot is free: P goes there.
-        store_p(s.rope[slot], sacc, 0, c.row_a, c.lane);
-      }
+      if (it > 0) wait_barrier(&s.p_free, (it - 1) & 1);  // both P V(it - 1) are done: the P tile is free
+      store_p(s.p_tile, sacc, 0, c.row_a, c.lane);
       if ((c.lane & 3) == 0) {
         s.alpha[stage][c.row_a] = alpha_a;
         s.alpha[stage][c.row_a + 8] = alpha_b;
@@ -246,61 +193,42 @@ __device__ __forceinline__ void trio_score(const CUtensorMap* tmap, const Decode
         }
       }
       cutlass::arch::fence_view_async_shared();
-      if (kV != 2 || pg + 1 == hi) {
-        EmptyBarrier::arrive(&s.p_full[stage]);
-        if (c.t == 0) trace_event<kTrace>(it, 8);
-      }
-      if (kLateHalf0<kV> && pg + 1 == hi) EmptyBarrier::arrive(&s.p_late[stage]);
+      EmptyBarrier::arrive(&s.p_full[stage]);
+      if (pg + 1 == hi) EmptyBarrier::arrive(&s.p_late[stage]);  // no S of this request follows
     }
     ++nreq;
   }
 }
 
-// Warpgroups 1 and 2 (c.w = output half h). kIssuer (half 0): its thread t = 0 reloads, after page it, the
-// stage with page it + 3 (group L once its own P V is done, group R once half 1 is done too: s.p_done) and
-// (kV = 0) the RoPE slot with page it + 2 (once both have read P). Half 1 carries no load code.
-template <bool kIssuer, int kV, int kOpt, bool kTrace>
+// Warpgroups 1 and 2 (c.w = output half h). kIssuer (half 0, warpgroup 1) takes P(it) from s.p_late, and its
+// thread t = 0 reloads, after page it, the stage with page it + 3 (group L once its own P V is done, group R
+// once half 1 is done too: s.p_done). Half 1 (warpgroup 2) takes P(it) from s.p_full, and its thread t = 0
+// then loads page it + 1's RoPE chunk into the slot (S(it) is done with it).
+template <bool kIssuer>
 __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const CUtensorMap* tmap_g, const DecodeParams& p,
                                             TrioStorage& s, const PartInfo& part, const ConsumerCtx& c) {
-  constexpr bool kBox5 = (kOpt & kOptBox5) != 0, kSplit = (kOpt & kOptSplit) != 0;
   constexpr int h = kIssuer ? 0 : 1;
   constexpr NamedBarrierId own = kIssuer ? kBarValue0 : kBarValue1;
   const bool lead = c.t == 0;
   // in shared memory: registers are this warpgroup's scarcest resource
-  PageCursor& next_stage = s.next_stage;
-  PageCursor& next_rope = s.next_rope;
-  if (kIssuer && lead) {
-    cursor_seek(next_stage, p, part, part.first_req);
-    if constexpr (kTwoSlots<kV>) cursor_seek(next_rope, p, part, part.first_req);
-    for (int k = 0; k < kTrioStages && cursor_valid(next_stage, part); ++k) {
-      cursor_ids_ready();
-      trio_load_latents<kBox5>(tmap, s, k, 0, next_stage.id, c.head_kv, tmap_g);
-      trio_load_latents<kBox5>(tmap, s, k, 1, next_stage.id, c.head_kv, tmap_g);
-      if (k >= (kTwoSlots<kV> ? kTrioRopeSlots : 1)) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-      cursor_next(next_stage, p, part);
-    }
-    if constexpr (kTwoSlots<kV>) {
-      for (int k = 0; k < kTrioRopeSlots && cursor_valid(next_rope, part); ++k) {
+  PageCursor& next_stage = s.next_stage;  // walked by warpgroup 1's lead
+  PageCursor& next_rope = s.next_rope;    // walked by warpgroup 2's lead
+  if (lead) {
+    if (kIssuer) {
+      cursor_seek(next_stage, p, part, part.first_req);
+      for (int k = 0; k < kTrioStages && cursor_valid(next_stage, part); ++k) {
         cursor_ids_ready();
-        trio_load_rope(tmap, s, k, next_rope.id, c.head_kv);
+        trio_load_latents(tmap_g, s, k, 0, next_stage.id, c.head_kv);
+        trio_load_latents(tmap_g, s, k, 1, next_stage.id, c.head_kv);
+        if (k > 0) trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
+        cursor_next(next_stage, p, part);
+      }
+    } else {
+      cursor_seek(next_rope, p, part, part.first_req);
+      if (cursor_valid(next_rope, part)) {
+        trio_load_rope(tmap, s, next_rope.id, c.head_kv);
         cursor_next(next_rope, p, part);
       }
-    }
-  }
-  // kSplit: value warpgroup 2's lead walks its own cursor, three pages behind the issuer's prologue
-  PageCursor& next_r = s.next_stage_r;
-  if (kSplit && !kIssuer && lead) {
-    cursor_seek(next_r, p, part, part.first_req);
-    for (int k = 0; k < kTrioStages && cursor_valid(next_r, part); ++k) {
-      cursor_ids_ready();
-      cursor_next(next_r, p, part);
-    }
-  }
-  if (kV == 3 && !kIssuer && lead) {
-    cursor_seek(next_rope, p, part, part.first_req);
-    if (cursor_valid(next_rope, part)) {
-      trio_load_rope(tmap, s, 0, next_rope.id, c.head_kv);
-      cursor_next(next_rope, p, part);
     }
   }
   __syncwarp();
@@ -313,17 +241,14 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const CUten
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     for (int pg = lo; pg < hi; ++pg, ++it) {
-      const int stage = it % kTrioStages, slot = it % kTrioRopeSlots;
+      const int stage = it % kTrioStages;
       const uint32_t parity = (it / kTrioStages) & 1;
       uint8_t* kv = s.kv[stage];
-      // kV = 3: half 0 takes P(it) only once S(it + 1) is issued (p_late), half 1 at once (p_full)
-      wait_barrier(kLateHalf0<kV> && kIssuer ? &s.p_late[stage] : &s.p_full[stage], parity);
-      if (lead) trace_event<kTrace>(it, kIssuer ? 10 : 14);
-      if (kV == 3 && !kIssuer && lead && cursor_valid(next_rope, part)) {  // S(it) is done: the slot is free
+      wait_barrier(kIssuer ? &s.p_late[stage] : &s.p_full[stage], parity);
+      if (!kIssuer && lead && cursor_valid(next_rope, part)) {  // S(it) is done: the RoPE slot is free
         cursor_ids_ready();
-        trio_load_rope(tmap, s, 0, next_rope.id, c.head_kv);
+        trio_load_rope(tmap, s, next_rope.id, c.head_kv);
         cursor_next(next_rope, p, part);
-        trace_event<kTrace>(it, 9);
       }
       if (pg * kPageSize + kPageSize > len) {
         zero_v_tail(kv, h, len - pg * kPageSize, c.t);
@@ -333,53 +258,20 @@ __device__ __forceinline__ void trio_values(const CUtensorMap* tmap, const CUten
       const float alpha_a = s.alpha[stage][c.row_a];
       const float alpha_b = s.alpha[stage][c.row_a + 8];
       rescale_rows(o, alpha_a, alpha_b);
-      pv_half(o, s.rope[kTwoSlots<kV> ? slot : 1], kv, h);
+      pv_half(o, s.p_tile, kv, h);
       own_warpgroup_sync(own);  // every warp's P V of this page is done
       if (lead) {
-        trace_event<kTrace>(it, kIssuer ? 11 : 15);
-        if constexpr (!kTwoSlots<kV>) EmptyBarrier::arrive(&s.p_free);
+        EmptyBarrier::arrive(&s.p_free);
         if (!kIssuer) {
-          if constexpr (kSplit) {  // group R of this stage is read by this warpgroup and S only: reload it now
-            if (cursor_valid(next_r, part)) {
-              cursor_ids_ready();
-              trio_load_latents<kBox5>(tmap, s, stage, 1, next_r.id, c.head_kv, tmap_g);
-              cursor_next(next_r, p, part);
-            }
-            trace_event<kTrace>(it, 18);
-          }
           EmptyBarrier::arrive(&s.p_done[stage]);
-        } else if constexpr (kV == 4) {
-          // half 1 finished P V(it) long ago (it took P(it) one S earlier): RoPE(it + 2) first, S(it + 2)
-          // needs it soonest; then both latent groups of page it + 3
-          const bool more_stage = cursor_valid(next_stage, part), more_rope = cursor_valid(next_rope, part);
+        } else if (cursor_valid(next_stage, part)) {
           cursor_ids_ready();
-          if (more_stage || more_rope) wait_barrier(&s.p_done[stage], parity);
-          trace_event<kTrace>(it, 12);
-          if (more_rope) trio_load_rope(tmap, s, slot, next_rope.id, c.head_kv);
-          if (more_stage) {
-            trio_load_latents<kBox5>(tmap, s, stage, 0, next_stage.id, c.head_kv, tmap_g);
-            trio_load_latents<kBox5>(tmap, s, stage, 1, next_stage.id, c.head_kv, tmap_g);
-            trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-          }
-          if (more_stage) cursor_next(next_stage, p, part);
-          if (more_rope) cursor_next(next_rope, p, part);
-          trace_event<kTrace>(it, 13);
-        } else {
-          const bool more_stage = cursor_valid(next_stage, part);
-          const bool more_rope = kTwoSlots<kV> && cursor_valid(next_rope, part);
-          cursor_ids_ready();
-          if (more_stage) {
-            trio_load_latents<kBox5>(tmap, s, stage, 0, next_stage.id, c.head_kv, tmap_g);
-            trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
-          }
-          if (kSplit ? more_rope : (more_stage || more_rope)) wait_barrier(&s.p_done[stage], parity);
-          trace_event<kTrace>(it, 12);
-          if (!kSplit && more_stage) trio_load_latents<kBox5>(tmap, s, stage, 1, next_stage.id, c.head_kv, tmap_g);
-          if (more_rope) trio_load_rope(tmap, s, slot, next_rope.id, c.head_kv);
-          // the cursors move after every issue: their page-table copies land during the next page
-          if (more_stage) cursor_next(next_stage, p, part);
-          if (more_rope) cursor_next(next_rope, p, part);
-          trace_event<kTrace>(it, 13);
+          trio_load_latents(tmap_g, s, stage, 0, next_stage.id, c.head_kv);
+          trio_prefetch_rope(tmap, next_stage.id, c.head_kv);
+          wait_barrier(&s.p_done[stage], parity);
+          trio_load_latents(tmap_g, s, stage, 1, next_stage.id, c.head_kv);
+          // the cursor moves after the issue: its page-table copy lands during the next page
+          cursor_next(next_stage, p, part);
         }
       }
       __syncwarp();

@@ -38,7 +38,7 @@ MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memo
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
 # consumer schedules of the main kernel (csrc/solo.cuh, csrc/trio.cuh); MLASERVE_MLA_CONSUMER picks one
-_CONSUMERS = {"auto": 0, "solo": 1, "trio": 2, "trio0": 3, "trio2h5": 4, "trio1h5t": 5, "trio2h5t": 6}  # EXPERIMENT
+_CONSUMERS = {"auto": 0, "solo": 1, "trio": 2}
 # The environment knobs read here (for measuring variants; each defaults to the best measured):
 #   MLASERVE_MLA_SCHED=auto|even|pack       split plan, read by get_mla_metadata
 #   MLASERVE_MLA_PDL=1|0                    combine launched as a programmatic dependent of the main kernel
