@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <string>
 
 #include "api.h"
 #include "config.h"
@@ -39,33 +40,39 @@ EncodeTiledFn encode_tiled() {
   return fn;
 }
 
+// A bf16 tensor map of k_cache with 128B swizzle: `rank` dimensions (dims[0] contiguous), byte strides of
+// dimensions 1..rank-1, box sizes; element strides 1. `what` names the map in the error.
+CUtensorMap encode_kv_map(const DecodeArgs& a, cuuint32_t rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                          const cuuint32_t* box, const char* what) {
+  CUtensorMap map;
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult res =
+      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, const_cast<void*>(a.k_cache), dims, strides, box,
+                     elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    throw std::runtime_error(std::string("mlaserve._C: cuTensorMapEncodeTiled failed for ") + what + " (error " +
+                             std::to_string(static_cast<int>(res)) + ")");
+  }
+  return map;
+}
+
 // k_cache [num_pages, 64, h_kv, 576] bf16 as a 4-D tensor (576, 64 tokens, h_kv, pages), boxes of
 // 64 columns x 64 tokens, 128B swizzle: the physical page id is the 4th coordinate.
 CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
-  CUtensorMap map;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimQK), static_cast<cuuint64_t>(kPageSize),
                               static_cast<cuuint64_t>(a.h_kv), static_cast<cuuint64_t>(a.num_pages)};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(a.k_stride_token) * 2,
                                  static_cast<cuuint64_t>(a.k_stride_head) * 2,
                                  static_cast<cuuint64_t>(a.k_stride_page) * 2};
   const cuuint32_t box[4] = {kChunkCols, kPageSize, 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult res =
-      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(a.k_cache), dims, strides, box,
-                     elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS) {
-    throw std::runtime_error("mlaserve._C: cuTensorMapEncodeTiled failed for k_cache (error " +
-                             std::to_string(static_cast<int>(res)) + ")");
-  }
-  return map;
+  return encode_kv_map(a, 4, dims, strides, box, "k_cache");
 }
 
 // The same k_cache as a 5-D tensor (64 columns, 64 tokens, 9 chunks, h_kv, pages) with boxes of (64, 64, 4, 1,
 // 1): one box lands a trio latent group, four 64-column chunks, as four swizzled 8 KB chunks side by side
 // (the smem box is laid out dimension 0 fastest, so chunk i sits 8 KB after chunk i - 1).
 CUtensorMap make_kv_group_tensor_map(const DecodeArgs& a) {
-  CUtensorMap map;
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(kChunkCols), static_cast<cuuint64_t>(kPageSize),
                               static_cast<cuuint64_t>(kNumChunksQK), static_cast<cuuint64_t>(a.h_kv),
                               static_cast<cuuint64_t>(a.num_pages)};
@@ -73,16 +80,7 @@ CUtensorMap make_kv_group_tensor_map(const DecodeArgs& a) {
                                  static_cast<cuuint64_t>(a.k_stride_head) * 2,
                                  static_cast<cuuint64_t>(a.k_stride_page) * 2};
   const cuuint32_t box[5] = {kChunkCols, kPageSize, kTrioGroupChunks, 1, 1};
-  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
-  const CUresult res =
-      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5, const_cast<void*>(a.k_cache), dims, strides, box,
-                     elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (res != CUDA_SUCCESS) {
-    throw std::runtime_error("mlaserve._C: cuTensorMapEncodeTiled failed for the k_cache group map (error " +
-                             std::to_string(static_cast<int>(res)) + ")");
-  }
-  return map;
+  return encode_kv_map(a, 5, dims, strides, box, "the k_cache group map");
 }
 
 // The dynamic shared-memory opt-in, once per (device, kernel).

@@ -52,13 +52,6 @@ __device__ __forceinline__ void cursor_next(PageCursor& cur, const DecodeParams&
   }
 }
 
-// One thread: loads `n` 64-column chunks of physical page `page` (head head_kv), starting at chunk c0, into
-// `dst` (consecutive swizzled chunks), on full barrier `bar`.
-__device__ __forceinline__ void trio_load_chunks(const CUtensorMap* tmap, uint64_t* bar, uint8_t* dst, int c0, int n,
-                                                 int page, int head_kv) {
-  FullBarrier::arrive_and_expect_tx(bar, n * kChunkBytes);
-  for (int i = 0; i < n; ++i) load_page_chunk(tmap, bar, dst + i * kChunkBytes, c0 + i, page, head_kv);
-}
 // Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`: one box (64 columns, 64 tokens, 4 chunks)
 // of the group map `tmap_g` (launch.cu), which lands the four swizzled chunks side by side (with four boxes of
 // the chunk map instead this schedule measured 4-5% more cycles: NOTES, session 16).
@@ -72,7 +65,8 @@ __device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap_g, Tri
 }
 // The RoPE chunk of `page` into the RoPE slot (chunk map `tmap`).
 __device__ __forceinline__ void trio_load_rope(const CUtensorMap* tmap, TrioStorage& s, int page, int head_kv) {
-  trio_load_chunks(tmap, &s.rope_full, s.rope, kNumChunksV, 1, page, head_kv);
+  FullBarrier::arrive_and_expect_tx(&s.rope_full, kChunkBytes);
+  load_page_chunk(tmap, &s.rope_full, s.rope, kNumChunksV, page, head_kv);
 }
 // A page's RoPE chunk can be requested only once S of the page before is done (one slot): prefetch it into
 // L2 when the page's latents are requested, so that the later load is an L2 hit.
