@@ -90,15 +90,20 @@ class FakePool:
 
 
 def make_input(path: Path, rng: random.Random, n: int) -> dict[str, dict]:
-    """n lines; returns id -> the expected result fields."""
+    """n lines, every prompt distinct (the resume test tells requests apart by prompt); returns id -> the
+    expected result fields."""
     want: dict[str, dict] = {}
     lines = []
+    used_ids: set[tuple[int, ...]] = set()
     for i in range(n):
         max_tokens = rng.randint(1, 5)
         kind = rng.choices(["text", "ids", "busy", "fail", "oov"], weights=[80, 10, 4, 3, 3])[0]
         obj: dict = {"id": f"r{i}", "max_tokens": max_tokens}
         if kind == "ids":
             ids = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))]
+            while tuple(ids) in used_ids:  # a short draw can repeat: [364] twice made the resume check fail
+                ids = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))]
+            used_ids.add(tuple(ids))
             obj["prompt_token_ids"] = ids
             want[obj["id"]] = {"token_ids": answer(ids, max_tokens)}
         elif kind == "oov":
