@@ -24,8 +24,8 @@ void launch_mla_metadata(const int* seqlens, int b, int num_parts, int split_cos
                          int* num_splits, cudaStream_t stream);
 
 // Consumer schedules of the main kernel (mla_kernel.cuh): kSchedAuto picks the measured best per shape.
-enum Schedule : int { kSchedAuto = 0, kSchedSolo = 1, kSchedTrio = 2, kSchedHalves = 3, kSchedHalvesInterleaved = 4 };
-// The schedule (kSchedSolo, kSchedTrio or kSchedHalves) a launch with `schedule` runs for `rows` = s_q * h_q / h_kv query
+enum Schedule : int { kSchedAuto = 0, kSchedSolo = 1, kSchedTrio = 2 };
+// The schedule (kSchedSolo or kSchedTrio) a launch with `schedule` runs for `rows` = s_q * h_q / h_kv query
 // rows per KV head.
 int resolve_schedule(int schedule, int rows);
 

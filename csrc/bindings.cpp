@@ -24,8 +24,8 @@ void get_mla_metadata(int device, uintptr_t seqlens, int b, int num_parts, int s
 }
 
 void check_schedule(int schedule) {
-  if (schedule < mla::kSchedAuto || schedule > mla::kSchedHalvesInterleaved) {
-    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo), 2 (trio), 3 (halves) or 4 (halvesi), got " +
+  if (schedule < mla::kSchedAuto || schedule > mla::kSchedTrio) {
+    throw std::invalid_argument("mlaserve._C: schedule must be 0 (auto), 1 (solo) or 2 (trio), got " +
                                 std::to_string(schedule));
   }
 }
@@ -102,7 +102,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("s_q"), py::arg("h_q"), py::arg("h_kv"), py::arg("scale"), py::arg("causal"), py::arg("pdl"),
         py::arg("schedule"), py::arg("stream"));
   m.def("resolve_schedule", &resolve_schedule,
-        "the consumer schedule a launch runs: (requested schedule, query rows per KV head) -> 1 (solo), 2 (trio) or 3 (halves)",
+        "the consumer schedule a launch runs: (requested schedule, query rows per KV head) -> 1 (solo) or 2 (trio)",
         py::arg("schedule"), py::arg("rows"));
   m.def("num_sms", &num_sms, "multiprocessor count of a device", py::arg("device"));
 }

@@ -41,10 +41,6 @@ constexpr int kTrioScorerRegs = 184;
 constexpr int kTrioIssuerRegs = 160;
 constexpr int kTrioValueRegs = 160;
 
-// The halves schedule (halves.cuh): trio's warpgroups and stages, S and P in 32-key halves of a page.
-constexpr int kHalfKeys = kPageSize / 2;  // 32 keys per half page
-constexpr int kHalvesRopeSlots = 3;       // RoPE half slots
-
 // Scheduler cost model: a (request, split) costs its pages plus this many pages of fixed work
 // (Q load, epilogue, partial write + combine).
 constexpr int kFixedSplitCost = 5;

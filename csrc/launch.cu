@@ -69,17 +69,6 @@ CUtensorMap make_kv_tensor_map(const DecodeArgs& a) {
   return encode_kv_map(a, 4, dims, strides, box, "k_cache");
 }
 
-// The same 4-D k_cache with boxes of 64 columns x 32 tokens: the halves schedule's RoPE halves.
-CUtensorMap make_kv_half_tensor_map(const DecodeArgs& a) {
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(kHeadDimQK), static_cast<cuuint64_t>(kPageSize),
-                              static_cast<cuuint64_t>(a.h_kv), static_cast<cuuint64_t>(a.num_pages)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(a.k_stride_token) * 2,
-                                 static_cast<cuuint64_t>(a.k_stride_head) * 2,
-                                 static_cast<cuuint64_t>(a.k_stride_page) * 2};
-  const cuuint32_t box[4] = {kChunkCols, kHalfKeys, 1, 1};
-  return encode_kv_map(a, 4, dims, strides, box, "the k_cache half-chunk map");
-}
-
 // The same k_cache as a 5-D tensor (64 columns, 64 tokens, 9 chunks, h_kv, pages) with boxes of (64, 64, 4, 1,
 // 1): one box lands a trio latent group, four 64-column chunks, as four swizzled 8 KB chunks side by side
 // (the smem box is laid out dimension 0 fastest, so chunk i sits 8 KB after chunk i - 1).
@@ -100,7 +89,7 @@ void ensure_smem_attribute(Kernel kernel, int smem_bytes, int which) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   static std::mutex mu;
-  static bool done[64][4] = {};
+  static bool done[64][2] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (dev < 0 || dev >= 64 || !done[dev][which]) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -111,18 +100,7 @@ void ensure_smem_attribute(Kernel kernel, int smem_bytes, int which) {
 
 void launch_main(const DecodeArgs& a, const CUtensorMap& tmap, const DecodeParams& p, dim3 grid, int schedule,
                  cudaStream_t stream) {
-  if (schedule == kSchedHalves || schedule == kSchedHalvesInterleaved) {
-    const CUtensorMap tmap_g = make_kv_group_tensor_map(a);
-    const CUtensorMap tmap_r = make_kv_half_tensor_map(a);
-    if (schedule == kSchedHalves) {
-      ensure_smem_attribute(mla_decode_halves_kernel<false>, kHalvesSmemBytes, 2);
-      mla_decode_halves_kernel<false><<<grid, kThreads, kHalvesSmemBytes, stream>>>(tmap, tmap_g, tmap_r, p);
-    } else {
-      ensure_smem_attribute(mla_decode_halves_kernel<true>, kHalvesSmemBytes, 3);
-      mla_decode_halves_kernel<true><<<grid, kThreads, kHalvesSmemBytes, stream>>>(tmap, tmap_g, tmap_r, p);
-    }
-    check_cuda(cudaGetLastError(), "mla_decode_halves_kernel launch");
-  } else if (schedule == kSchedTrio) {
+  if (schedule == kSchedTrio) {
     const CUtensorMap tmap_g = make_kv_group_tensor_map(a);
     ensure_smem_attribute(mla_decode_trio_kernel, kTrioSmemBytes, 1);
     mla_decode_trio_kernel<<<grid, kThreads, kTrioSmemBytes, stream>>>(tmap, tmap_g, p);

@@ -175,50 +175,16 @@ __device__ __forceinline__ void store_p(uint8_t* p_tile, const float (&pr)[N], i
   }
 }
 
-// Zeroes rows [first_row, end_row) of V columns 256w .. 256w+255 of the page `kv`, so that whatever lies in
-// the unused slots of a request's last page (NaN included) meets P = 0 as an exact 0. t = thread index in the
-// warpgroup. (Zero is zero under any swizzle: the loop walks the 16-byte units of those rows in memory order.)
-__device__ __forceinline__ void zero_v_rows(uint8_t* kv, int w, int first_row, int end_row, int t) {
-  const int units = (end_row - first_row) * 32;  // 4 chunks x 8 units of 16 B per row
+// Zeroes rows [first_row, 64) of V columns 256w .. 256w+255 of the page `kv`, so
+// that whatever lies in the unused slots of a request's last page (NaN included) meets P = 0 as
+// an exact 0. t = thread index in the warpgroup. (Zero is zero under any swizzle: the loop walks the
+// 16-byte units of those rows in memory order.)
+__device__ __forceinline__ void zero_v_tail(uint8_t* kv, int w, int first_row, int t) {
+  const int units = (kBlockN - first_row) * 32;  // 4 chunks x 8 units of 16 B per row
+  uint8_t* base = kv;
   for (int u = t; u < units; u += 128) {
     const int r = first_row + u / 32, c = 4 * w + (u / 8) % 4, x = u % 8;
-    *reinterpret_cast<uint4*>(kv + c * kChunkBytes + r * 128 + x * 16) = make_uint4(0, 0, 0, 0);
-  }
-}
-__device__ __forceinline__ void zero_v_tail(uint8_t* kv, int w, int first_row, int t) {
-  zero_v_rows(kv, w, first_row, kBlockN, t);
-}
-
-// The halves schedule: O(64 x 256) += P_x(64 x 32) . V[32x .. 32x+31, 256w .. 256w+255], P half x of the page
-// read from `p_half` (SmemLayoutPHalf), V from the page `kv`. Issues one wgmma group and waits for it.
-__device__ __forceinline__ void pv_quarter(float (&o)[128], const uint8_t* p_half, const uint8_t* kv, int w, int x) {
-  using namespace cute;
-  const GMMA::DescriptorIterator dp{GMMA::make_gmma_desc<GMMA::Major::K>(
-      local_tile(smem_tensor(p_half, SmemLayoutPHalf{}), Shape<Int<kBlockM>, _16>{}, make_coord(0, 0)))};
-  const GMMA::DescriptorIterator dv{GMMA::make_gmma_desc<GMMA::Major::MN>(
-      local_tile(smem_tensor(kv, SmemLayoutVt{}), Shape<Int<kHeadDimV / 2>, _16>{}, make_coord(w, 0)))};
-  fence_regs(o);
-  warpgroup_arrive();
-#pragma unroll
-  for (int k = 0; k < kHalfKeys / 16; ++k) {
-    gmma<MmaPV>(o, dp[desc_step(get_nonswizzle_portion(SmemLayoutPHalf{})(0, 16 * k))],
-                dv[vt_step(x * (kHalfKeys / 16) + k)]);
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  fence_regs(o);
-}
-
-// Writes this thread's probabilities of a half page (bf16) into the P half tile (SmemLayoutPHalf): rows a/b,
-// keys 8j + 2(lane%4) + e, by hand as in store_p (64-byte rows, 64B swizzle).
-__device__ __forceinline__ void store_p_half(uint8_t* p_half, const float (&pr)[16], int row_a, int lane) {
-  const int row_b = row_a + 8;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    __nv_bfloat162 va = __floats2bfloat162_rn(pr[4 * j + 0], pr[4 * j + 1]);
-    __nv_bfloat162 vb = __floats2bfloat162_rn(pr[4 * j + 2], pr[4 * j + 3]);
-    *reinterpret_cast<__nv_bfloat162*>(p_half + row_a * 64 + ((j ^ ((row_a >> 1) & 3)) << 4) + 4 * (lane & 3)) = va;
-    *reinterpret_cast<__nv_bfloat162*>(p_half + row_b * 64 + ((j ^ ((row_b >> 1) & 3)) << 4) + 4 * (lane & 3)) = vb;
+    *reinterpret_cast<uint4*>(base + c * kChunkBytes + r * 128 + x * 16) = make_uint4(0, 0, 0, 0);
   }
 }
 

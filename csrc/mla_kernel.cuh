@@ -16,7 +16,6 @@
 #include "config.h"
 #include "consumer.cuh"
 #include "primitives.cuh"
-#include "halves.cuh"
 #include "solo.cuh"
 #include "trio.cuh"
 #include "tile_scheduler.h"
@@ -99,47 +98,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_trio_kernel(const __gr
   } else {
     cutlass::arch::warpgroup_reg_dealloc<kTrioValueRegs>();
     trio_values<false>(&tmap, &tmap_g, p, s, part, consumer_ctx(1, m_block, head_kv));
-  }
-}
-
-// The halves schedule (halves.cuh): trio's warpgroups with S and P in 32-key halves of a page.
-// tmap: the cache's 64-column chunks (RoPE prefetches); tmap_g: its latent groups; tmap_r: its RoPE halves
-// (64 columns x 32 tokens) (launch.cu).
-template <bool kInterleave>
-__global__ void __launch_bounds__(kThreads, 1)
-    mla_decode_halves_kernel(const __grid_constant__ CUtensorMap tmap, const __grid_constant__ CUtensorMap tmap_g,
-                             const __grid_constant__ CUtensorMap tmap_r, const __grid_constant__ DecodeParams p) {
-  extern __shared__ uint8_t smem_raw[];
-  HalvesStorage& s = *reinterpret_cast<HalvesStorage*>(align_smem_1024(smem_raw));
-  const int m_block = blockIdx.x, head_kv = blockIdx.y, part_idx = blockIdx.z;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kTrioStages; ++i) {
-      for (int g = 0; g < 2; ++g) {
-        FullBarrier::init(&s.full_bar[i][g], 1);
-        EmptyBarrier::init(&s.p_full[i][g], 128);  // the scorer's threads
-      }
-      EmptyBarrier::init(&s.p_done[i], 1);  // value warpgroup 2's lead thread
-    }
-    for (int i = 0; i < kHalvesRopeSlots; ++i) FullBarrier::init(&s.rope_full[i], 1);
-    EmptyBarrier::init(&s.p_free, 2);  // the value warpgroups' leads
-    for (int i = 0; i < 2; ++i) EmptyBarrier::init(&s.fin_free[i], 256);  // both value warpgroups
-    cutlass::arch::fence_barrier_init();
-    cute::prefetch_tma_descriptor(&tmap);
-    cute::prefetch_tma_descriptor(&tmap_g);
-    cute::prefetch_tma_descriptor(&tmap_r);
-  }
-  __syncthreads();  // (PDL trigger at exit, as above)
-  const PartInfo part = load_part(p.tile_metadata, part_idx);
-  const int wg = threadIdx.x / 128;
-  if (wg == 0) {
-    cutlass::arch::warpgroup_reg_alloc<kTrioScorerRegs>();
-    halves_score<kInterleave>(p, s, part, consumer_ctx(0, m_block, head_kv));
-  } else if (wg == 1) {
-    cutlass::arch::warpgroup_reg_dealloc<kTrioIssuerRegs>();
-    halves_values<true>(&tmap, &tmap_g, &tmap_r, p, s, part, consumer_ctx(0, m_block, head_kv));
-  } else {
-    cutlass::arch::warpgroup_reg_dealloc<kTrioValueRegs>();
-    halves_values<false>(&tmap, &tmap_g, &tmap_r, p, s, part, consumer_ctx(1, m_block, head_kv));
   }
 }
 

@@ -70,13 +70,6 @@ using SmemLayoutQK =
 // P: (64 rows, 64 keys) bf16, K-major, one chunk.
 using SmemLayoutP =
     decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-// The halves schedule's tiles: a RoPE half slot (32 tokens, 64 columns), K-major, 128B swizzle (four 8-row
-// atoms, what a 64-column x 32-token TMA box writes); a P half tile (64 rows, 32 keys), K-major, 64B swizzle
-// (16-byte unit u of 64-byte row r sits at unit u ^ ((r / 2) % 4)).
-using SmemLayoutRopeHalf =
-    decltype(cute::tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<Int<kHalfKeys>, Int<kChunkCols>>{}));
-using SmemLayoutPHalf =
-    decltype(cute::tile_to_shape(GMMA::Layout_K_SW64_Atom<bf16>{}, Shape<Int<kBlockM>, Int<kHalfKeys>>{}));
 // V^T: the first 512 columns of a K page seen as the B operand of P.V, (512 columns, 64 keys),
 // MN-major: 64-column x 8-key atoms, keys first (8 atoms = one chunk), then the chunks.
 using SmemLayoutVt = decltype(cute::tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{},
@@ -138,8 +131,6 @@ __device__ __forceinline__ void gmma_rs(float (&d)[N], uint32_t a0, uint32_t a1,
 
 using MmaQK64 = GMMA::MMA_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;     // S = Q K^T
 using MmaQK64RS = GMMA::MMA_64x64x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>;   // the same, Q in registers
-using MmaQK32 = GMMA::MMA_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;    // S half (halves.cuh)
-using MmaQK32RS = GMMA::MMA_64x32x16_F32BF16BF16_RS<GMMA::Major::K, GMMA::Major::K>;  // the same, Q in registers
 using MmaPV = GMMA::MMA_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>;     // O half += P.V
 
 // Keeps the compiler from moving accumulator (or A-fragment) reads/writes across wgmma issue / wait.

@@ -58,25 +58,13 @@ __device__ __forceinline__ void row_max_local(const float (&s)[N], float& mx_a, 
   mx_b = quad_max(mx_b);
 }
 
-// The max a row's probabilities are taken against moves only when a page's max exceeds it by more than
-// kRescaleSlack log2 units: below that, P = exp2(scale_log2 (s - m)) <= 2^kRescaleSlack, which bf16 holds to the
-// same relative precision as values <= 1 (and the fp32 sums far from overflow), and O, the row sum and the LSE
-// all use the same max, so the result is unchanged; above it, O is rescaled as before. (With the running max
-// itself, a warp's 16 rows see a new max on about min(1, 16 / j) of page j's visits by random scores, so the
-// warp vote in rescale_rows skipped only about 60% of a 128-page request's pages; scores whose row max climbs
-// by less than 8 log2 units over the request skip all but the first. kRescaleSlack = 0 is the running max.)
-constexpr float kRescaleSlack = 8.f;
-__device__ __forceinline__ float next_row_max(float m, float page_max, float scale_log2) {
-  return page_max * scale_log2 > m * scale_log2 + kRescaleSlack ? page_max : m;  // m = -inf: page_max
-}
-
 // Given the row max over all 64 keys of the page, turns scores into probabilities in place, updates the
 // running state, and returns the factors by which the output accumulator rows must be rescaled.
 template <int N>
 __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, float page_max_a, float page_max_b,
                                                float scale_log2, float& alpha_a, float& alpha_b) {
-  const float m_new_a = next_row_max(st.m[0], page_max_a, scale_log2);
-  const float m_new_b = next_row_max(st.m[1], page_max_b, scale_log2);
+  const float m_new_a = fmaxf(st.m[0], page_max_a);
+  const float m_new_b = fmaxf(st.m[1], page_max_b);
   // A row that has seen no key yet keeps m = -inf: use 0 as the base so nothing becomes NaN.
   const float base_a = m_new_a == -INFINITY ? 0.f : m_new_a * scale_log2;
   const float base_b = m_new_b == -INFINITY ? 0.f : m_new_b * scale_log2;
@@ -99,7 +87,7 @@ __device__ __forceinline__ void softmax_update(float (&s)[N], RowState& st, floa
 }
 
 // O rows *= their factors, skipped when every factor in the warp is exactly 1 (no row max of the warp moved;
-// exp2f(0) is exactly 1; next_row_max keeps most pages there).
+// exp2f(0) is exactly 1).
 template <int N>
 __device__ __forceinline__ void rescale_rows(float (&o)[N], float alpha_a, float alpha_b) {
   if (!__any_sync(0xffffffffu, alpha_a != 1.f || alpha_b != 1.f)) return;

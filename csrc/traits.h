@@ -12,7 +12,6 @@ namespace mla {
 constexpr int kChunkBytes = kBlockM * kChunkCols * 2;     // 8192
 constexpr int kTileBytesQK = kNumChunksQK * kChunkBytes;  // 73728: Q tile, or one K page
 constexpr int kStageBytes = kTileBytesQK;                 // one page = 64 tokens x 576
-constexpr int kHalfChunkBytes = kChunkBytes / 2;          // 4096: 32 tokens x 64 columns, or 64 rows x 32 keys
 
 struct SharedStorage {
   // (64 rows, 576) bf16 as 9 swizzled chunks: query rows of the tile
@@ -63,34 +62,6 @@ struct TrioStorage {
 };
 constexpr int kTrioSmemBytes = sizeof(TrioStorage) + 1024;
 static_assert(kTrioSmemBytes <= 227 * 1024, "trio shared memory exceeds the sm_90 per-block limit");
-
-// Shared memory of the halves schedule (halves.cuh): trio's three latent stages and Q tail, with S and P in
-// 32-key halves of a page: three RoPE half slots (a page's RoPE chunk is loaded as two 32-token halves, one slot
-// each, half k of the part in slot k % 3) and one P half tile. One rescale-factor buffer suffices: the scorer
-// writes half k's factors only after both value warpgroups are done with half k - 1 (s.p_free).
-struct HalvesStorage {
-  // [stage] (64 tokens, 512) bf16 as 8 swizzled chunks: a page's latents; page i in stage i % 3
-  alignas(1024) uint8_t kv[kTrioStages][kNumChunksV * kChunkBytes];
-  // [slot] (32 tokens, 64) bf16, 128B swizzle: the RoPE columns of half a page
-  alignas(1024) uint8_t rope[kHalvesRopeSlots][kHalfChunkBytes];
-  // (64 rows, 32 keys) bf16, 64B swizzle: P of the half page the value warpgroups are on
-  alignas(1024) uint8_t p_half[kHalfChunkBytes];
-  // (64 rows, 128) bf16 as 2 swizzled chunks: Q columns 448..575
-  alignas(1024) uint8_t q_tail[kTrioQTailChunks * kChunkBytes];
-  float alpha[kBlockM];     // [row]: the half page's O rescale factors (scorer -> value WGs)
-  float fin[2][2][kBlockM];  // [request parity][0: row sum, 1: row max] at a request's last page
-  alignas(8) uint64_t full_bar[kTrioStages][2];  // [stage][L, R]: TMA bytes of a latent group landed
-  alignas(8) uint64_t rope_full[kHalvesRopeSlots];  // TMA bytes of a RoPE half slot landed
-  alignas(8) uint64_t p_full[kTrioStages][2];       // [stage][half]: scorer: the half's P and factors are written
-  alignas(8) uint64_t p_free;                       // value WGs' leads: both are done with the P half tile
-  alignas(8) uint64_t p_done[kTrioStages];          // value warpgroup 2: done with the page (it may reload)
-  alignas(8) uint64_t fin_free[2];                  // value WGs: fin[parity] read
-  PageCursor next_stage;  // value WG 1's lead: the next page to load into a stage
-  PageCursor next_rope;   // value WG 2's lead: the page of the next RoPE half to load
-  int next_rope_half;     // ... and which half of it
-};
-constexpr int kHalvesSmemBytes = sizeof(HalvesStorage) + 1024;
-static_assert(kHalvesSmemBytes <= 227 * 1024, "halves shared memory exceeds the sm_90 per-block limit");
 
 struct DecodeParams {
   // q: [b, s_q, h_q, 576] bf16, last dim contiguous; strides in elements

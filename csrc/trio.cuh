@@ -55,9 +55,7 @@ __device__ __forceinline__ void cursor_next(PageCursor& cur, const DecodeParams&
 // Latent group g (L = chunks 0..3, R = 4..7) of `page` into `stage`: one box (64 columns, 64 tokens, 4 chunks)
 // of the group map `tmap_g` (launch.cu), which lands the four swizzled chunks side by side (with four boxes of
 // the chunk map instead this schedule measured 4-5% more cycles: NOTES, session 16).
-// (Storage: TrioStorage or HalvesStorage, which share the stage layout.)
-template <class Storage>
-__device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap_g, Storage& s, int stage, int g, int page,
+__device__ __forceinline__ void trio_load_latents(const CUtensorMap* tmap_g, TrioStorage& s, int stage, int g, int page,
                                                   int head_kv) {
   constexpr auto kHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   uint64_t* bar = &s.full_bar[stage][g];

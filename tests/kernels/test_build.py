@@ -66,9 +66,9 @@ def test_kernel_knobs_reject_unknown_values(monkeypatch):
     assert sm90._env_choice("MLASERVE_MLA_SCHED", sm90._PLANS, "auto") == sm90._PLANS["auto"]
     # the consumer-schedule knob takes exactly the schedules the extension dispatches (bindings.cpp)
     monkeypatch.setenv("MLASERVE_MLA_CONSUMER", "seesaw")
-    with pytest.raises(ValueError, match=r"MLASERVE_MLA_CONSUMER='seesaw'.*auto, solo, trio, halves, halvesi"):
+    with pytest.raises(ValueError, match=r"MLASERVE_MLA_CONSUMER='seesaw'.*auto, solo, trio"):
         sm90._env_choice("MLASERVE_MLA_CONSUMER", sm90._CONSUMERS, "auto")
-    assert sm90._CONSUMERS == {"auto": 0, "solo": 1, "trio": 2, "halves": 3, "halvesi": 4}
+    assert sm90._CONSUMERS == {"auto": 0, "solo": 1, "trio": 2}
     assert "MLASERVE_MLA_CONSUMER" in sm90.KNOBS and "MLASERVE_MLA_KERNEL" not in sm90.KNOBS
 
 
@@ -91,7 +91,7 @@ def test_auto_schedule_by_rows_per_kv_head(monkeypatch):
     }
     for (s_q, h_q, h_kv), want in cases.items():
         assert sm90.schedule_for(s_q, h_q, h_kv) == want, (s_q, h_q, h_kv)
-    for forced in ("solo", "trio", "halves", "halvesi"):
+    for forced in ("solo", "trio"):
         monkeypatch.setenv("MLASERVE_MLA_CONSUMER", forced)
         assert sm90.schedule_for(1, 16, 1) == forced and sm90.schedule_for(2, 128, 1) == forced
     with pytest.raises(ValueError, match="h_q a multiple of h_kv"):

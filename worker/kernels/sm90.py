@@ -37,12 +37,12 @@ METADATA_FIELDS = 8
 MAX_BATCH = 4096  # the scheduler kernel keeps per-request arrays in shared memory
 # split plans (csrc/tile_scheduler.cu); MLASERVE_MLA_SCHED picks one
 _PLANS = {"auto": 0, "even": 1, "pack": 2}
-# consumer schedules of the main kernel (csrc/solo.cuh, csrc/trio.cuh, csrc/halves.cuh); MLASERVE_MLA_CONSUMER picks one
-_CONSUMERS = {"auto": 0, "solo": 1, "trio": 2, "halves": 3, "halvesi": 4}
+# consumer schedules of the main kernel (csrc/solo.cuh, csrc/trio.cuh); MLASERVE_MLA_CONSUMER picks one
+_CONSUMERS = {"auto": 0, "solo": 1, "trio": 2}
 # The environment knobs read here (for measuring variants; each defaults to the best measured):
 #   MLASERVE_MLA_SCHED=auto|even|pack       split plan, read by get_mla_metadata
 #   MLASERVE_MLA_PDL=1|0                    combine launched as a programmatic dependent of the main kernel
-#   MLASERVE_MLA_CONSUMER=auto|solo|trio|halves consumer schedule (auto: solo for <= 64 query rows per KV
+#   MLASERVE_MLA_CONSUMER=auto|solo|trio    consumer schedule (auto: solo for <= 64 query rows per KV
 #                                           head, trio above; schedule_for() says which, csrc/launch.cu why)
 KNOBS = ("MLASERVE_MLA_SCHED", "MLASERVE_MLA_PDL", "MLASERVE_MLA_CONSUMER")
 
